@@ -1,0 +1,24 @@
+"""tcpade-fx: TC-Padé residual caching for diffusion transformers, as a graph transformation.
+
+    pipe = tcpade_fx.compile(pipe, policy="balanced")   # eager, "inductor", or "tensorrt"
+    image = pipe(...).images[0]
+    print(pipe.tcpade.stats)
+"""
+
+from .controller import Decision, StepController
+from .pade import extrapolate, fit_denominator, relative_error
+from .policy import PRESET_AIMS, PRESETS, Policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decision",
+    "PRESETS",
+    "PRESET_AIMS",
+    "Policy",
+    "StepController",
+    "__version__",
+    "extrapolate",
+    "fit_denominator",
+    "relative_error",
+]

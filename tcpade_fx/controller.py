@@ -1,0 +1,197 @@
+"""The per-step state machine that decides, for each denoising step, whether to compute the block stack or to
+predict its residual; framework-light (floats in, decisions out) so it is testable without a model.
+
+Error model (error-controlled step-size selection, as in adaptive ODE solvers). An extrapolant built on the
+nodes ``t_1..t_n`` errs at ``t`` by about ``C·ω(t)``, ``ω(t) = Π_j |t − t_j|`` (the interpolation remainder:
+n = L + 2 nodes for Padé [L/1], L + 1 for Taylor-L). At every computed step k the runtime tells us the a-posteriori
+relative error ``e_k`` of what we would have predicted there; the Trajectory Stability Indicator is
+``TSI_k = e_k / ω_k(t_k)``, our estimate of C. After a computed step we keep predicting while the run's
+accumulated estimate ``Σ TSI·ω(t)`` stays within the stage tolerance and the run stays within ``max_skip``.
+
+Adaptive coefficient modulation: ``e_k`` above ``rise_factor`` × its running level, or a normalised residual
+velocity ``‖R_k − R_{k−1}‖ / (‖R_{k−1}‖·|t_k − t_{k−1}|)`` above ``rise_factor`` × its running level, marks a
+trajectory transition. Only then (METHOD.md: damping hurts Padé on smooth stretches) the prediction is damped
+toward the last residual, ``λ = max(λ_min, rise_factor·ē / e_k)``, and the next run is limited to half the stage's
+``max_skip``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+
+from .pade import effective_order
+from .policy import Policy, needed_nodes
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the controller decided for one step, and why."""
+
+    step: int
+    time: float
+    compute: bool
+    stage: str
+    reason: str
+    order: int
+    damping: float = 1.0
+    tsi: float | None = None
+    error_estimate: float | None = None
+    tolerance: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class StepController:
+    """Decides compute-or-predict per step for one trajectory (one CFG branch).
+
+    Usage per step: ``d = ctl.decide(i, t)``; after a computed step call ``ctl.record_compute(i, t, e, v)`` with
+    the a-posteriori error ``e`` of the prediction of order ``d.order`` (None when there was no history) and the
+    normalised residual velocity ``v`` (None for the first point); after a predicted step ``ctl.record_predict()``.
+    """
+
+    def __init__(self, policy: Policy, num_steps: int | None = None):
+        self.policy = policy
+        self.reset(num_steps)
+
+    def reset(self, num_steps: int | None = None) -> None:
+        """Start a new trajectory of ``num_steps`` steps (None: unknown, progress is taken from the times)."""
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self.num_steps = num_steps
+        self.first_time: float | None = None
+        self.computed_times: deque[float] = deque(maxlen=self.policy.history_size)
+        self.run_length = 0
+        self.run_error = 0.0
+        self.tsi: float | None = None
+        self.error_level: float | None = None
+        self.velocity_level: float | None = None
+        self.damping = 1.0
+        self.transition = False
+        self.first_mid_step: int | None = None
+        self.decisions: list[Decision] = []
+
+    # -- stage ---------------------------------------------------------------------------------------------
+    def progress(self, step: int, time: float) -> float:
+        if self.num_steps is not None:
+            return 1.0 if self.num_steps == 1 else step / (self.num_steps - 1)
+        if self.first_time is None or self.first_time == 0:
+            return 0.0
+        return min(1.0, max(0.0, 1.0 - time / self.first_time))
+
+    def stage(self, step: int, time: float) -> str:
+        s = self.progress(step, time)
+        if s < self.policy.early_end:
+            return "early"
+        return "late" if s >= self.policy.late_start else "mid"
+
+    def _stage_order(self, stage: str) -> int:
+        return self.policy.late_order if stage == "late" else self.policy.order
+
+    def _omega(self, time: float, order: int) -> float:
+        nodes = list(self.computed_times)[-needed_nodes(self.policy.method, max(order, 0)):]
+        if order < 0:
+            nodes = nodes[-1:]
+        return math.prod(abs(time - tj) for tj in nodes)
+
+    # -- decision -------------------------------------------------------------------------------------------
+    def decide(self, step: int, time: float) -> Decision:
+        """Decide step ``step`` at model time ``time``; the decision is also appended to ``self.decisions``."""
+        p = self.policy
+        if self.first_time is None:
+            self.first_time = float(time)
+        stage = self.stage(step, time)
+        have = len(self.computed_times)
+        order = effective_order(p.method, self._stage_order(stage), have) if have else -1
+        common = dict(step=step, time=float(time), stage=stage, order=order)
+
+        def done(compute: bool, reason: str, **extra) -> Decision:
+            d = Decision(compute=compute, reason=reason, **common, **extra)
+            self.decisions.append(d)
+            return d
+
+        is_last = self.num_steps is not None and step >= self.num_steps - 1
+        if is_last and p.compute_last_step:
+            return done(True, "last step")
+        if stage == "early":
+            return done(True, "early stage")
+        if have == 0:
+            return done(True, "no history")
+        if self.first_mid_step is None:
+            self.first_mid_step = step
+        if p.schedule == "fixed":
+            if (step - self.first_mid_step) % p.interval == 0:
+                return done(True, f"fixed schedule (every {p.interval})")
+            return done(False, f"fixed schedule (every {p.interval})", damping=1.0)
+
+        max_skip = p.late_max_skip if stage == "late" else p.mid_max_skip
+        tol = p.late_tolerance if stage == "late" else p.mid_tolerance
+        if self.transition:
+            max_skip = max_skip // 2
+        if self.run_length >= max_skip:
+            return done(True, f"max skip {max_skip} reached", tolerance=tol, tsi=self.tsi)
+        if self.tsi is None:
+            return done(True, "no error estimate yet", tolerance=tol)
+        estimate = self.run_error + self.tsi * self._omega(time, order)
+        if not math.isfinite(estimate) or estimate > tol:
+            return done(True, "error estimate above tolerance", tsi=self.tsi, error_estimate=estimate, tolerance=tol)
+        return done(False, "error estimate within tolerance", damping=self.damping, tsi=self.tsi,
+                    error_estimate=estimate, tolerance=tol)
+
+    # -- feedback -------------------------------------------------------------------------------------------
+    def record_predict(self) -> None:
+        """A predicted step was taken with the last decision."""
+        d = self.decisions[-1] if self.decisions else None
+        self.run_length += 1
+        if d is not None and d.error_estimate is not None:
+            self.run_error = d.error_estimate
+
+    def record_compute(
+        self, step: int, time: float, prediction_error: float | None, velocity: float | None
+    ) -> None:
+        """A computed step: update the TSI, the modulation and the history times.
+
+        ``prediction_error`` is the a-posteriori relative error of the prediction the controller would have made
+        here (order ``decisions[-1].order``), ``velocity`` the normalised residual velocity.
+        """
+        p = self.policy
+        d = self.decisions[-1] if self.decisions else None
+        order = d.order if d is not None else -1
+        self.transition = False
+        self.damping = 1.0
+        if prediction_error is not None and math.isfinite(prediction_error) and self.computed_times:
+            omega = self._omega(time, order)
+            if omega > 0:
+                self.tsi = prediction_error / omega
+            level = self.error_level
+            if level is not None and prediction_error > p.rise_factor * level:
+                self.transition = True
+                self.damping = max(p.lambda_min, min(1.0, p.rise_factor * level / max(prediction_error, 1e-30)))
+            a = p.error_smoothing
+            self.error_level = prediction_error if level is None else a * prediction_error + (1 - a) * level
+        elif prediction_error is not None and not math.isfinite(prediction_error):
+            self.tsi = None
+        if velocity is not None and math.isfinite(velocity):
+            vl = self.velocity_level
+            if vl is not None and velocity > p.rise_factor * vl:
+                self.transition = True
+            a = p.error_smoothing
+            self.velocity_level = velocity if vl is None else a * velocity + (1 - a) * vl
+        self.computed_times.append(float(time))
+        self.run_length = 0
+        self.run_error = 0.0
+
+    def clear_history(self) -> None:
+        """Forget the history (e.g. after a non-finite residual): the next steps compute until it refills."""
+        self.computed_times.clear()
+        self.tsi = None
+        self.run_length = 0
+        self.run_error = 0.0
+
+    @property
+    def compute_fraction(self) -> float:
+        if not self.decisions:
+            return 0.0
+        return sum(d.compute for d in self.decisions) / len(self.decisions)

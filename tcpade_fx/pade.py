@@ -1,0 +1,208 @@
+"""Numerics of TC-Padé: the shared-denominator [L/1] rational extrapolant and its polynomial / reuse special cases.
+
+For history points ``(t_j, R_j)`` and a target ``t*`` (``τ_j = t_j − t_last``, ``τ* = t* − t_last``) we fit
+
+    R(τ) ≈ P_L(τ) / (1 + b·τ)        one denominator coefficient ``b`` per tensor (or per batch element)
+
+from the newest ``L + 2`` points: ``S_j = R_j·(1 + b·τ_j)`` is a degree-L polynomial, so the (L+1)-th divided
+difference ``D`` annihilates it, ``D[R] + b·D[τR] = 0`` for every element, and least squares over the elements
+gives ``b = −⟨D[R], D[τR]⟩ / (⟨D[τR], D[τR]⟩ + ε)``. The prediction is the Lagrange interpolant of ``S`` on the
+newest ``L + 1`` nodes, evaluated at ``τ*`` and divided by ``1 + b·τ*``. ``b = 0`` is exactly polynomial
+(Taylor-family) extrapolation of order L; one point is plain reuse.
+
+Everything is computed in float32 on normalised data (times divided by the extrapolation span, residuals by their
+largest magnitude), with pure tensor ops: no ``.item()`` and no Python branch on values, so the functions trace
+under ``torch.compile`` and ``torch.export``. Safeguards, each a ``torch.where`` branch:
+
+* ``b`` not finite, or ``1 + b·τ ≤ δ`` anywhere on ``[min τ_j, τ*]`` (a pole or a sign change): ``b = 0``;
+* nodes closer than ``NODE_TOLERANCE`` of the span (repeated or nearly repeated times): reuse the last residual;
+* fewer history points than the order needs: the highest order the history allows (decided on the static count).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .policy import needed_nodes
+
+Tensor = torch.Tensor
+
+#: Nodes closer than this fraction of the extrapolation span are treated as repeated (fall back to reuse).
+NODE_TOLERANCE = 1e-3
+_TINY = 1e-30
+
+
+def effective_order(method: str, order: int, available: int) -> int:
+    """The order actually used with ``available`` history points (highest the history allows); -1 means reuse."""
+    if available < 1:
+        raise ValueError("extrapolation needs at least one history point")
+    if method == "reuse" or available == 1:
+        return -1 if method == "pade" or method == "reuse" else 0
+    if method == "pade":
+        return min(order, available - 2)
+    return min(order, available - 1)
+
+
+def _flatten(r: Tensor, per_sample: bool) -> Tensor:
+    r = r.float()
+    if per_sample and r.dim() > 0:
+        return r.reshape(r.shape[0], -1)
+    return r.reshape(1, -1)
+
+
+def _node_scale(taus: Tensor, target: Tensor) -> Tensor:
+    span = torch.maximum(taus.abs().amax(), target.abs())
+    return torch.clamp(span, min=_TINY)
+
+
+def _divided_difference_weights(u: Tensor) -> Tensor:
+    """Weights w_j with D[f] = Σ w_j f_j, normalised to max |w_j| = 1 (D is only needed up to scale)."""
+    n = u.shape[0]
+    diffs = u.unsqueeze(1) - u.unsqueeze(0) + torch.eye(n, dtype=u.dtype, device=u.device)
+    prod = diffs.prod(dim=1)
+    safe = torch.where(prod == 0, torch.ones_like(prod), prod)
+    w = torch.where(prod == 0, torch.zeros_like(prod), 1.0 / safe)
+    w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
+    return w / torch.clamp(w.abs().amax(), min=_TINY)
+
+
+def _lagrange_weights(u: Tensor, at: Tensor) -> Tensor:
+    """ℓ_j(at) for the nodes ``u`` (assumed distinct; degenerate nodes are filtered by the caller)."""
+    n = u.shape[0]
+    if n == 1:
+        return torch.ones(1, dtype=u.dtype, device=u.device)
+    eye = torch.eye(n, dtype=u.dtype, device=u.device)
+    num = (at - u).unsqueeze(0).expand(n, n) * (1 - eye) + eye  # row j: (at − u_i) for i ≠ j
+    den = (u.unsqueeze(1) - u.unsqueeze(0)) * (1 - eye) + eye
+    den = torch.where(den == 0, torch.ones_like(den), den)
+    return num.prod(dim=1) / den.prod(dim=1)
+
+
+def _nodes_distinct(u: Tensor) -> Tensor:
+    n = u.shape[0]
+    if n == 1:
+        return torch.ones((), dtype=torch.bool, device=u.device)
+    gaps = (u.unsqueeze(1) - u.unsqueeze(0)).abs() + torch.eye(n, dtype=u.dtype, device=u.device) * 2.0
+    return gaps.amin() >= NODE_TOLERANCE
+
+
+def _as_times(times: Sequence[float] | Tensor, device: torch.device) -> Tensor:
+    return torch.as_tensor(times, dtype=torch.float32, device=device).reshape(-1)
+
+
+def fit_denominator(
+    times: Sequence[float] | Tensor,
+    residuals: Sequence[Tensor],
+    target: float | Tensor,
+    *,
+    per_sample: bool = True,
+    eps: float = 1e-8,
+    pole_margin: float = 0.1,
+) -> Tensor:
+    """The shared denominator coefficient ``b`` (in the units of ``1 / time``) fitted from all given points.
+
+    Returns shape ``(B,)`` when ``per_sample`` else ``(1,)``. A fit that is not finite, or whose denominator
+    ``1 + b·τ`` falls to ``pole_margin`` or below between the oldest node and the target, returns 0.
+    Needs at least two points.
+    """
+    if len(residuals) < 2:
+        raise ValueError("fitting a denominator needs at least two history points")
+    device = residuals[-1].device
+    t = _as_times(times, device)
+    tau = t - t[-1]
+    tau_star = torch.as_tensor(target, dtype=torch.float32, device=device).reshape(()) - t[-1]
+    h = _node_scale(tau, tau_star)
+    b_hat = _fit_normalised(tau / h, [_flatten(r, per_sample) for r in residuals], tau_star / h, eps, pole_margin)
+    return b_hat / h
+
+
+def _fit_normalised(u: Tensor, flats: list[Tensor], u_star: Tensor, eps: float, pole_margin: float) -> Tensor:
+    scale = torch.stack([f.abs().amax(dim=1) for f in flats]).amax(dim=0)  # per sample
+    inv = 1.0 / torch.clamp(scale, min=_TINY)
+    w = _divided_difference_weights(u)
+    d_r = sum(w[j] * flats[j] for j in range(len(flats))) * inv[:, None]
+    d_ur = sum((w[j] * u[j]) * flats[j] for j in range(len(flats))) * inv[:, None]
+    num = (d_r * d_ur).sum(dim=1)
+    den = (d_ur * d_ur).sum(dim=1) + eps
+    b = -num / den
+    lowest = torch.minimum(1.0 + b * u.amin(), 1.0 + b * u_star)
+    ok = torch.isfinite(b) & (lowest > pole_margin) & _nodes_distinct(u)
+    return torch.where(ok, b, torch.zeros_like(b))
+
+
+def extrapolate(
+    times: Sequence[float] | Tensor,
+    residuals: Sequence[Tensor],
+    target: float | Tensor,
+    *,
+    method: str = "pade",
+    order: int = 1,
+    per_sample: bool = True,
+    eps: float = 1e-8,
+    pole_margin: float = 0.1,
+    damping: float | Tensor = 1.0,
+) -> Tensor:
+    """Predict the residual at time ``target`` from the history ``(times[j], residuals[j])``, oldest first.
+
+    Args:
+        times: the model times of the history points (any affine time scale; only differences matter).
+        residuals: tensors of one shape; dim 0 is the batch when ``per_sample``.
+        target: the time to predict at.
+        method: ``"pade"`` ([L/1] with a shared denominator), ``"taylor"`` (polynomial of order L) or ``"reuse"``.
+        order: L; the history's newest ``L + 2`` (Padé) or ``L + 1`` (Taylor) points are used, fewer if absent.
+        per_sample: fit the denominator per batch element.
+        eps, pole_margin: see :func:`fit_denominator`.
+        damping: λ in ``R_last + λ·(R̂ − R_last)``; 1 is the undamped extrapolant.
+
+    Returns:
+        The prediction, in the dtype of the residuals, clamped to that dtype's finite range.
+    """
+    if len(residuals) == 0:
+        raise ValueError("extrapolation needs at least one history point")
+    if len(times) != len(residuals):
+        raise ValueError(f"got {len(times)} times for {len(residuals)} residuals")
+    last = residuals[-1]
+    out_dtype = last.dtype
+    l_eff = effective_order(method, order, len(residuals))
+    if l_eff < 0:
+        return last.clone()
+    n_fit = needed_nodes(method, l_eff)
+    rs = list(residuals[-n_fit:])
+    device = last.device
+    t = _as_times(times, device)[-n_fit:]
+    tau = t - t[-1]
+    tau_star = torch.as_tensor(target, dtype=torch.float32, device=device).reshape(()) - t[-1]
+    h = _node_scale(tau, tau_star)
+    u, u_star = tau / h, tau_star / h
+    flats = [_flatten(r, per_sample) for r in rs]
+    n_batch = flats[0].shape[0]
+
+    if method == "pade":
+        b = _fit_normalised(u, flats, u_star, eps, pole_margin)
+    else:
+        b = torch.zeros(n_batch, dtype=torch.float32, device=device)
+
+    u_lag = u[-(l_eff + 1):]
+    ell = _lagrange_weights(u_lag, u_star)  # (L+1,)
+    coeff = ell[None, :] * (1.0 + b[:, None] * u_lag[None, :]) / (1.0 + b[:, None] * u_star)  # (B, L+1)
+    flats_lag = flats[-(l_eff + 1):]
+    pred = sum(coeff[:, j:j + 1] * flats_lag[j] for j in range(l_eff + 1))
+    last_flat = flats[-1]
+    pred = torch.where(_nodes_distinct(u), pred, last_flat)
+    lam = torch.as_tensor(damping, dtype=torch.float32, device=device)
+    pred = last_flat + lam * (pred - last_flat)
+    pred = torch.nan_to_num(pred, nan=0.0)
+    if out_dtype.is_floating_point:
+        fmax = torch.finfo(out_dtype).max
+        pred = pred.clamp(-fmax, fmax)
+    return pred.reshape(last.shape).to(out_dtype)
+
+
+def relative_error(actual: Tensor, predicted: Tensor, *, per_sample: bool = True, eps: float = 1e-12) -> Tensor:
+    """‖actual − predicted‖ / (‖actual‖ + eps), per sample (shape (B,)) or for the whole tensor (shape (1,))."""
+    a, p = _flatten(actual, per_sample), _flatten(predicted, per_sample)
+    scale = torch.clamp(a.abs().amax(dim=1, keepdim=True), min=_TINY)
+    a, p = a / scale, p / scale
+    return torch.linalg.vector_norm(a - p, dim=1) / (torch.linalg.vector_norm(a, dim=1) + eps)

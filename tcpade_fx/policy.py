@@ -1,0 +1,165 @@
+"""Policies: every knob of TC-Padé in one frozen dataclass, plus the named presets users pick from.
+
+A preset's name promises an outcome; :data:`PRESET_AIMS` states the fraction of block-stack steps each preset
+aims to compute at 20–50 steps (the benchmark reports what it actually computes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+Method = Literal["pade", "taylor", "reuse"]
+Schedule = Literal["adaptive", "fixed"]
+
+METHODS: tuple[str, ...] = ("pade", "taylor", "reuse")
+SCHEDULES: tuple[str, ...] = ("adaptive", "fixed")
+MAX_HISTORY = 4
+MAX_ORDER = 2
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How TC-Padé decides between computing the block stack and predicting its residual.
+
+    Numerics (see :mod:`tcpade_fx.pade`):
+        method: ``"pade"`` (shared-denominator [L/1]), ``"taylor"`` (polynomial of order L, the b = 0 case)
+            or ``"reuse"`` (last residual).
+        order: L, the numerator degree used in the mid stage (0, 1 or 2).
+        late_order: L used in the late stage.
+        history_size: K, computed residuals kept (the fit uses the newest ``order + 2`` of them).
+        per_sample: fit the denominator per batch element instead of once per tensor.
+        eps: regulariser of the least-squares denominator fit (relative, data are normalised first).
+        pole_margin: δ; the denominator ``1 + b·τ`` must stay above it between the oldest node and the target.
+    Adaptive coefficient modulation:
+        lambda_min: lower bound of the damping λ applied when the a-posteriori error rises.
+        rise_factor: an error above ``rise_factor`` × its running level is a trajectory transition.
+        error_smoothing: weight of the newest error in the running level (exponential average).
+    Stages (progress s = i / (N − 1), or 1 − t / t_first without a known schedule):
+        early_end: s below it is the early stage: every step computed.
+        late_start: s at or above it is the late stage.
+        mid_tolerance / late_tolerance: largest predicted relative residual error accepted.
+        mid_max_skip / late_max_skip: longest run of predicted steps in that stage.
+        compute_last_step: always compute the final step.
+    Schedule:
+        schedule: ``"adaptive"`` (error-controlled horizon) or ``"fixed"`` (compute every ``interval``-th step
+            after the early stage, the TaylorSeer/FORA-style baseline).
+        interval: period of the fixed schedule.
+    """
+
+    method: Method = "pade"
+    order: int = 1
+    late_order: int = 1
+    history_size: int = 3
+    per_sample: bool = True
+    eps: float = 1e-8
+    pole_margin: float = 0.1
+    lambda_min: float = 0.5
+    rise_factor: float = 2.0
+    error_smoothing: float = 0.5
+    early_end: float = 0.1
+    late_start: float = 0.85
+    mid_tolerance: float = 0.05
+    late_tolerance: float = 0.02
+    mid_max_skip: int = 3
+    late_max_skip: int = 2
+    compute_last_step: bool = True
+    schedule: Schedule = "adaptive"
+    interval: int = 3
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method={self.method!r} is not one of {METHODS}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule={self.schedule!r} is not one of {SCHEDULES}")
+        for name in ("order", "late_order"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 0 <= v <= MAX_ORDER:
+                problems.append(f"{name}={v!r} must be an int in [0, {MAX_ORDER}]")
+        if not isinstance(self.history_size, int) or not 1 <= self.history_size <= MAX_HISTORY:
+            problems.append(f"history_size={self.history_size!r} must be an int in [1, {MAX_HISTORY}]")
+        for name in ("mid_max_skip", "late_max_skip"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                problems.append(f"{name}={v!r} must be an int >= 0")
+        if isinstance(self.late_max_skip, int) and self.late_max_skip > 2:
+            problems.append(f"late_max_skip={self.late_max_skip} must be <= 2 (the late stage changes fast)")
+        if not isinstance(self.interval, int) or self.interval < 1:
+            problems.append(f"interval={self.interval!r} must be an int >= 1")
+        for name in ("eps", "mid_tolerance", "late_tolerance"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                problems.append(f"{name}={v!r} must be a finite number >= 0")
+        for name, lo, hi in (
+            ("pole_margin", 0.0, 1.0),
+            ("lambda_min", 0.0, 1.0),
+            ("error_smoothing", 0.0, 1.0),
+            ("early_end", 0.0, 1.0),
+            ("late_start", 0.0, 1.0),
+        ):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and lo <= v <= hi):
+                problems.append(f"{name}={v!r} must be in [{lo}, {hi}]")
+        if not (isinstance(self.rise_factor, (int, float)) and self.rise_factor >= 1.0):
+            problems.append(f"rise_factor={self.rise_factor!r} must be >= 1")
+        if not problems and self.early_end > self.late_start:
+            problems.append(f"early_end={self.early_end} must not exceed late_start={self.late_start}")
+        if problems:
+            raise ValueError("invalid TC-Padé policy: " + "; ".join(problems))
+
+    @property
+    def nodes_needed(self) -> int:
+        """History points the mid-stage extrapolant uses at full order."""
+        return needed_nodes(self.method, self.order)
+
+    def replace(self, **changes) -> "Policy":
+        """A copy with some fields changed (validated); the copy is named ``custom``."""
+        changes.setdefault("name", "custom")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str) -> "Policy":
+        """One of the named presets: ``"quality"``, ``"balanced"``, ``"fast"`` (plus ``"full"``: compute all)."""
+        if isinstance(name, Policy):
+            return name
+        try:
+            return PRESETS[name]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"unknown TC-Padé policy {name!r}; choose one of {sorted(PRESETS)} or pass a tcpade_fx.Policy(...)"
+            ) from None
+
+
+def needed_nodes(method: str, order: int) -> int:
+    """History points an extrapolant of this method and order uses."""
+    if method == "reuse":
+        return 1
+    return order + 2 if method == "pade" else order + 1
+
+
+def resolve_policy(policy: "Policy | str") -> Policy:
+    """Accept a preset name or a :class:`Policy`; anything else is a clear error."""
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str):
+        return Policy.preset(policy)
+    raise TypeError(f"policy must be a preset name {sorted(PRESETS)} or a tcpade_fx.Policy, got {type(policy).__name__}")
+
+
+PRESETS: dict[str, Policy] = {
+    "quality": Policy(
+        name="quality", early_end=0.15, mid_tolerance=0.02, late_tolerance=0.01, mid_max_skip=2, late_max_skip=1
+    ),
+    "balanced": Policy(name="balanced"),
+    "fast": Policy(
+        name="fast", early_end=0.08, mid_tolerance=0.15, late_tolerance=0.05, mid_max_skip=5, late_max_skip=2
+    ),
+    "full": Policy(name="full", mid_max_skip=0, late_max_skip=0),
+}
+
+#: Fraction of block-stack steps each preset aims to compute at 20–50 steps.
+PRESET_AIMS: dict[str, float] = {"quality": 0.55, "balanced": 0.40, "fast": 0.28, "full": 1.0}
