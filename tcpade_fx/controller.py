@@ -8,11 +8,15 @@ relative error ``e_k`` of what we would have predicted there; the Trajectory Sta
 ``TSI_k = e_k / ω_k(t_k)``, our estimate of C. After a computed step we keep predicting while the run's
 accumulated estimate ``Σ TSI·ω(t)`` stays within the stage tolerance and the run stays within ``max_skip``.
 
-Adaptive coefficient modulation: ``e_k`` above ``rise_factor`` × its running level, or a normalised residual
-velocity ``‖R_k − R_{k−1}‖ / (‖R_{k−1}‖·|t_k − t_{k−1}|)`` above ``rise_factor`` × its running level, marks a
-trajectory transition. Only then (METHOD.md: damping hurts Padé on smooth stretches) the prediction is damped
-toward the last residual, ``λ = max(λ_min, rise_factor·ē / e_k)``, and the next run is limited to half the stage's
-``max_skip``.
+Adaptive coefficient modulation: ``TSI_k`` above ``rise_factor`` × its running level (at the same order), or a
+normalised residual velocity ``‖R_k − R_{k−1}‖ / (‖R_{k−1}‖·|t_k − t_{k−1}|)`` above ``rise_factor`` × its running
+level, marks a trajectory transition. Only then (METHOD.md: damping hurts Padé on smooth stretches) the prediction
+is damped toward the last residual, ``λ = max(λ_min, rise_factor·TSI_level / TSI_k)``, and the next run is limited
+to half the stage's ``max_skip``. The rise is judged on the horizon-normalised ``TSI_k``, not on the raw ``e_k``:
+``e_k`` grows like ``ω_k`` with the length of the run that preceded step k, so comparing raw errors flagged a
+"transition" after every run longer than the one before, even on a trajectory with a constant error constant
+(found by the property tests: it made the compute fraction non-monotone in the tolerance). TSIs of different
+orders have different units (``ω`` has ``L + 2`` or ``L + 1`` factors), so the level restarts when the order changes.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ class StepController:
         self.run_length = 0
         self.run_error = 0.0
         self.tsi: float | None = None
-        self.error_level: float | None = None
+        self.tsi_level: float | None = None  # running level of the TSI, at order ``tsi_order``
+        self.tsi_order: int | None = None
         self.velocity_level: float | None = None
         self.damping = 1.0
         self.transition = False
@@ -164,13 +169,15 @@ class StepController:
         if prediction_error is not None and math.isfinite(prediction_error) and self.computed_times:
             omega = self._omega(time, order)
             if omega > 0:
-                self.tsi = prediction_error / omega
-            level = self.error_level
-            if level is not None and prediction_error > p.rise_factor * level:
-                self.transition = True
-                self.damping = max(p.lambda_min, min(1.0, p.rise_factor * level / max(prediction_error, 1e-30)))
-            a = p.error_smoothing
-            self.error_level = prediction_error if level is None else a * prediction_error + (1 - a) * level
+                tsi = prediction_error / omega
+                self.tsi = tsi
+                level = self.tsi_level if self.tsi_order == order else None
+                if level is not None and tsi > p.rise_factor * level:
+                    self.transition = True
+                    self.damping = max(p.lambda_min, min(1.0, p.rise_factor * level / max(tsi, 1e-30)))
+                a = p.error_smoothing
+                self.tsi_level = tsi if level is None else a * tsi + (1 - a) * level
+                self.tsi_order = order
         elif prediction_error is not None and not math.isfinite(prediction_error):
             self.tsi = None
         if velocity is not None and math.isfinite(velocity):

@@ -127,7 +127,9 @@ def _fit_normalised(u: Tensor, flats: list[Tensor], u_star: Tensor, eps: float, 
     num = (d_r * d_ur).sum(dim=1)
     den = (d_ur * d_ur).sum(dim=1) + eps
     b = -num / den
-    lowest = torch.minimum(1.0 + b * u.amin(), 1.0 + b * u_star)
+    # 1 + b·u is linear: its minimum over the hull of the nodes and the target is at one of its ends. Diffusion
+    # times decrease (u_j ≥ 0 ≥ u*), so the oldest node u.amax() is an end as much as u.amin() and u*.
+    lowest = torch.minimum(torch.minimum(1.0 + b * u.amin(), 1.0 + b * u.amax()), 1.0 + b * u_star)
     ok = torch.isfinite(b) & (lowest > pole_margin) & _nodes_distinct(u)
     return torch.where(ok, b, torch.zeros_like(b))
 
@@ -166,9 +168,9 @@ def extrapolate(
     last = residuals[-1]
     out_dtype = last.dtype
     l_eff = effective_order(method, order, len(residuals))
-    if l_eff < 0:
+    n_fit = needed_nodes(method, l_eff) if l_eff >= 0 else 1
+    if n_fit == 1:  # reuse, and Taylor-0 (which is reuse): exact, in the input dtype (no float32 round trip)
         return last.clone()
-    n_fit = needed_nodes(method, l_eff)
     rs = list(residuals[-n_fit:])
     device = last.device
     t = _as_times(times, device)[-n_fit:]
@@ -195,7 +197,7 @@ def extrapolate(
     pred = last_flat + lam * (pred - last_flat)
     pred = torch.nan_to_num(pred, nan=0.0)
     if out_dtype.is_floating_point:
-        fmax = torch.finfo(out_dtype).max
+        fmax = min(torch.finfo(out_dtype).max, torch.finfo(pred.dtype).max)  # float64 out: float32's range
         pred = pred.clamp(-fmax, fmax)
     return pred.reshape(last.shape).to(out_dtype)
 
