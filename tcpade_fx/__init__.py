@@ -5,6 +5,7 @@
     print(pipe.tcpade.stats)
 """
 
+from .api import compile, disable
 from .controller import Decision, StepController
 from .pade import extrapolate, fit_denominator, relative_error
 from .policy import PRESET_AIMS, PRESETS, Policy
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Decision",
+    "compile",
+    "disable",
     "PRESETS",
     "PRESET_AIMS",
     "Policy",

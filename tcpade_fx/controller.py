@@ -76,6 +76,7 @@ class StepController:
         self.damping = 1.0
         self.transition = False
         self.first_mid_step: int | None = None
+        self.computed = 0
         self.decisions: list[Decision] = []
 
     # -- stage ---------------------------------------------------------------------------------------------
@@ -137,13 +138,36 @@ class StepController:
             max_skip = max_skip // 2
         if self.run_length >= max_skip:
             return done(True, f"max skip {max_skip} reached", tolerance=tol, tsi=self.tsi)
-        if self.tsi is None:
-            return done(True, "no error estimate yet", tolerance=tol)
-        estimate = self.run_error + self.tsi * self._omega(time, order)
-        if not math.isfinite(estimate) or estimate > tol:
-            return done(True, "error estimate above tolerance", tsi=self.tsi, error_estimate=estimate, tolerance=tol)
+        estimate = None if self.tsi is None else self.run_error + self.tsi * self._omega(time, order)
+        if estimate is None or not math.isfinite(estimate) or estimate > tol:
+            why = "no error estimate yet" if estimate is None else "error estimate above tolerance"
+            if self._budget_allows(step, time):
+                return done(True, why, tsi=self.tsi, error_estimate=estimate, tolerance=tol)
+            return done(False, why + ", but the compute budget is spent", damping=self.damping, tsi=self.tsi,
+                        error_estimate=estimate, tolerance=tol)
         return done(False, "error estimate within tolerance", damping=self.damping, tsi=self.tsi,
                     error_estimate=estimate, tolerance=tol)
+
+    def _budget_allows(self, step: int, time: float) -> bool:
+        budget = self.policy.compute_budget
+        if budget is None:
+            return True
+        if self.num_steps is None:
+            return self.computed + 1 <= budget * (step + 1)
+        return self.computed + 1 + self._reserve(step) <= math.ceil(budget * self.num_steps)
+
+    def _reserve(self, step: int) -> int:
+        """Computes that max_skip limits and the last step will force after ``step`` (an upper estimate)."""
+        p, n = self.policy, self.num_steps
+        last = n - 1 if p.compute_last_step else n
+        mid = late = 0
+        for j in range(step + 1, last):
+            if self.stage(j, 0.0) == "late":
+                late += 1
+            else:
+                mid += 1
+        forced = -(-mid // (p.mid_max_skip + 1)) + -(-late // (p.late_max_skip + 1))
+        return forced + (1 if p.compute_last_step and step < n - 1 else 0)
 
     # -- feedback -------------------------------------------------------------------------------------------
     def record_predict(self) -> None:
@@ -187,6 +211,7 @@ class StepController:
             a = p.error_smoothing
             self.velocity_level = velocity if vl is None else a * velocity + (1 - a) * vl
         self.computed_times.append(float(time))
+        self.computed += 1
         self.run_length = 0
         self.run_error = 0.0
 

@@ -43,6 +43,10 @@ class Policy:
         mid_tolerance / late_tolerance: largest predicted relative residual error accepted.
         mid_max_skip / late_max_skip: longest run of predicted steps in that stage.
         compute_last_step: always compute the final step.
+    Budget:
+        compute_budget: largest fraction of steps to compute (None: error control alone decides). Steps forced
+            by the stages, ``max_skip`` and the last step are always computed; the tolerance spends the rest of
+            the budget where the error estimate is largest, keeping in reserve what ``max_skip`` will force later.
     Schedule:
         schedule: ``"adaptive"`` (error-controlled horizon) or ``"fixed"`` (compute every ``interval``-th step
             after the early stage, the TaylorSeer/FORA-style baseline).
@@ -66,6 +70,7 @@ class Policy:
     mid_max_skip: int = 3
     late_max_skip: int = 2
     compute_last_step: bool = True
+    compute_budget: float | None = None
     schedule: Schedule = "adaptive"
     interval: int = 3
     name: str = field(default="custom", compare=False)
@@ -104,6 +109,10 @@ class Policy:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and lo <= v <= hi):
                 problems.append(f"{name}={v!r} must be in [{lo}, {hi}]")
+        if self.compute_budget is not None and not (
+            isinstance(self.compute_budget, (int, float)) and 0.0 < self.compute_budget <= 1.0
+        ):
+            problems.append(f"compute_budget={self.compute_budget!r} must be None or in (0, 1]")
         if not (isinstance(self.rise_factor, (int, float)) and self.rise_factor >= 1.0):
             problems.append(f"rise_factor={self.rise_factor!r} must be >= 1")
         if not problems and self.early_end > self.late_start:
@@ -152,11 +161,13 @@ def resolve_policy(policy: "Policy | str") -> Policy:
 
 PRESETS: dict[str, Policy] = {
     "quality": Policy(
-        name="quality", early_end=0.15, mid_tolerance=0.02, late_tolerance=0.01, mid_max_skip=2, late_max_skip=1
+        name="quality", early_end=0.15, mid_tolerance=0.02, late_tolerance=0.01, mid_max_skip=2, late_max_skip=1,
+        compute_budget=0.55,
     ),
-    "balanced": Policy(name="balanced"),
+    "balanced": Policy(name="balanced", compute_budget=0.40),
     "fast": Policy(
-        name="fast", early_end=0.08, mid_tolerance=0.15, late_tolerance=0.05, mid_max_skip=5, late_max_skip=2
+        name="fast", early_end=0.08, mid_tolerance=0.15, late_tolerance=0.05, mid_max_skip=5, late_max_skip=2,
+        compute_budget=0.28,
     ),
     "full": Policy(name="full", mid_max_skip=0, late_max_skip=0),
 }

@@ -1,0 +1,364 @@
+"""The stateful part of tcpade_fx: per-signature graphs, per-branch history and controllers, and the stats.
+
+A :class:`TCPadeRuntime` replaces a transformer's ``forward``. On the first call with a new input signature
+(tensor shapes, dtypes, devices and the non-tensor arguments) it captures the transformer, locates and verifies
+the block stack, builds the compute/predict graphs and hands them to the backend. Each call then:
+
+1. reads the model time from the ``timestep`` argument; calls at the same time as the previous call are further
+   classifier-free-guidance branches of the same step (one history per branch), a new time is the next step, and a
+   time above the previous one starts a new trajectory (noted in the stats when no pipeline announced it);
+2. asks the branch's :class:`~tcpade_fx.controller.StepController` to compute or predict;
+3. computes (and checks what it would have predicted, feeding the a-posteriori error back) or predicts the residual
+   with :func:`~tcpade_fx.pade.extrapolate` and runs the predict graph.
+
+The compute/predict decision stays in Python, outside every graph, so each graph compiles once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .controller import StepController
+from .pade import extrapolate, relative_error
+from .passes import (
+    BlockStackPlan,
+    build_compute_graph,
+    build_predict_graph,
+    capture_graph,
+    flatten_call,
+    locate_block_stack,
+    split_head_body_tail,
+    verify_rewrite,
+    verify_split,
+)
+from .policy import Policy
+
+BACKENDS = ("eager", "inductor", "tensorrt")
+
+
+@dataclass
+class StepRecord:
+    """One transformer call: which step and branch, what was decided and how well it went."""
+
+    step: int
+    branch: int
+    time: float
+    computed: bool
+    stage: str
+    reason: str
+    order: int
+    damping: float
+    error_estimate: float | None
+    check_error: float | None  # computed steps: relative error the prediction would have had here
+
+
+@dataclass
+class TCPadeStats:
+    """What the runtime did since the last reset: per-call records, notes (re-captures, resets), compile counts."""
+
+    records: list[StepRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    compiles: dict[str, int] = field(default_factory=dict)
+    captures: int = 0
+
+    @property
+    def computed(self) -> int:
+        return sum(r.computed for r in self.records)
+
+    @property
+    def predicted(self) -> int:
+        return sum(not r.computed for r in self.records)
+
+    @property
+    def compute_fraction(self) -> float:
+        """Fraction of transformer calls that ran the block stack."""
+        return self.computed / len(self.records) if self.records else 0.0
+
+    @property
+    def num_steps(self) -> int:
+        return len({(r.step, r.time) for r in self.records})
+
+    def decisions(self, branch: int = 0) -> str:
+        """The branch's schedule as a string: ``C`` computed, ``.`` predicted."""
+        return "".join("C" if r.computed else "." for r in self.records if r.branch == branch)
+
+    def check_errors(self) -> list[float]:
+        return [r.check_error for r in self.records if r.check_error is not None]
+
+    def summary(self) -> str:
+        errs = self.check_errors()
+        lines = [
+            f"TC-Padé: {self.computed}/{len(self.records)} transformer calls computed the block stack "
+            f"({100 * self.compute_fraction:.1f} %), {self.predicted} predicted, over {self.num_steps} steps",
+            f"  schedule (branch 0): {self.decisions(0)}",
+        ]
+        if errs:
+            lines.append(
+                f"  prediction error checked at computed steps: median {sorted(errs)[len(errs) // 2]:.3g}, "
+                f"max {max(errs):.3g}"
+            )
+        if self.compiles:
+            lines.append(f"  backend compiles: {self.compiles}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    def as_dict(self) -> dict:
+        return {
+            "computed": self.computed,
+            "predicted": self.predicted,
+            "compute_fraction": self.compute_fraction,
+            "records": [vars(r) for r in self.records],
+            "notes": list(self.notes),
+            "compiles": dict(self.compiles),
+        }
+
+
+@dataclass
+class _Graphs:
+    plan: BlockStackPlan
+    compute: Callable
+    predict: Callable
+    out_spec: pytree.TreeSpec
+    in_spec: pytree.TreeSpec
+    timestep_position: int
+
+
+@dataclass
+class _Branch:
+    controller: StepController
+    times: list[float] = field(default_factory=list)
+    residuals: list[torch.Tensor] = field(default_factory=list)
+
+
+class TCPadeRuntime:
+    """Drives one transformer with TC-Padé. Installed by :func:`tcpade_fx.compile`; see the module docstring."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        policy: Policy,
+        backend: str = "eager",
+        *,
+        verify: bool = True,
+        block_prefixes: tuple[str, ...] | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.module = module
+        self.policy = policy
+        self.backend = backend
+        self.verify = verify
+        self.block_prefixes = block_prefixes
+        self.signature = inspect.signature(type(module).forward)
+        self.stats = TCPadeStats()
+        self._graphs: dict[Any, _Graphs] = {}
+        self._current_key: Any = None
+        self._num_steps: int | None = None
+        self._announced = False
+        self.reset()
+
+    # -- trajectory state ------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every history; the next call starts a new trajectory."""
+        self._branches: dict[int, _Branch] = {}
+        self._step = -1
+        self._last_time: float | None = None
+        self._branch = 0
+
+    def begin(self, num_steps: int | None = None) -> None:
+        """Start a new trajectory of ``num_steps`` steps (pipelines call this); resets histories and stats."""
+        self.reset()
+        self.stats = TCPadeStats(compiles=self.stats.compiles)
+        self._num_steps = num_steps
+        self._announced = True
+
+    # -- capture ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _original_forward(self):
+        installed = self.module.__dict__.pop("forward", None)
+        try:
+            yield
+        finally:
+            if installed is not None:
+                self.module.forward = installed
+
+    def _bind(self, args: tuple, kwargs: dict) -> dict:
+        bound = self.signature.bind(self.module, *args, **kwargs)
+        named = dict(bound.arguments)
+        named.pop(next(iter(self.signature.parameters)))  # self
+        for name, p in self.signature.parameters.items():
+            if p.kind is inspect.Parameter.VAR_KEYWORD and name in named:
+                named.update(named.pop(name))
+        return named
+
+    @staticmethod
+    def _key(leaves: list, spec: pytree.TreeSpec) -> tuple:
+        parts = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                parts.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type, leaf.device.index))
+            else:
+                parts.append(("V", repr(leaf)))
+        return (str(spec), tuple(parts))
+
+    def _build(self, kwargs: dict) -> _Graphs:
+        if "timestep" not in kwargs or not isinstance(kwargs["timestep"], torch.Tensor):
+            raise TypeError(
+                f"{type(self.module).__name__} was called without a tensor `timestep`; tcpade_fx identifies steps "
+                "by the model time, so pass timestep=<tensor>"
+            )
+        with self._original_forward():
+            captured = capture_graph(self.module, (), kwargs)
+        gm = captured.graph_module
+        plan = locate_block_stack(gm, self.block_prefixes)
+        compute, predict = build_compute_graph(gm, plan), build_predict_graph(gm, plan)
+        leaves = captured.example_leaves
+        if self.verify:
+            verify_split(gm, split_head_body_tail(gm, plan), leaves)
+            verify_rewrite(gm, compute, predict, leaves, plan)
+        self.stats.captures += 1
+        return _Graphs(
+            plan=plan,
+            compute=self._backend_compile(compute, "compute"),
+            predict=self._backend_compile(predict, "predict"),
+            out_spec=captured.out_spec,
+            in_spec=captured.in_spec,
+            timestep_position=_leaf_index_of(kwargs, "timestep", captured.in_spec),
+        )
+
+    def _backend_compile(self, gm: torch.fx.GraphModule, name: str) -> Callable:
+        if self.backend == "eager":
+            return gm
+        if self.backend == "tensorrt":
+            from .export.tensorrt import compile_graph_tensorrt
+
+            return compile_graph_tensorrt(gm, name, self.stats)
+        from torch._inductor.compile_fx import compile_fx
+
+        stats = self.stats
+
+        def counting_inductor(graph: torch.fx.GraphModule, example_inputs):
+            stats.compiles[name] = stats.compiles.get(name, 0) + 1
+            return compile_fx(graph, example_inputs)
+
+        return torch.compile(gm, backend=counting_inductor, fullgraph=True, dynamic=False)
+
+    # -- the call --------------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        kwargs = self._bind(args, kwargs)
+        graphs_now = self._graphs.get(self._current_key)
+        leaves, spec = flatten_call((), kwargs, graphs_now.in_spec if graphs_now else None)
+        key = self._key(leaves, spec)
+        if key != self._current_key:
+            if self._current_key is not None:
+                self.stats.notes.append(
+                    f"input signature changed at call {len(self.stats.records)}: graphs "
+                    f"{'reused' if key in self._graphs else 're-captured'}, histories reset"
+                )
+                self.reset()
+            if key not in self._graphs:
+                self._graphs[key] = self._build(kwargs)
+            self._current_key = key
+        graphs = self._graphs[key]
+        timestep = leaves[graphs.timestep_position]
+        time = float(timestep.reshape(-1)[0])
+        branch = self._advance(time)
+        with torch.no_grad():
+            flat = self._run(graphs, branch, leaves, time)
+        return pytree.tree_unflatten(list(flat), graphs.out_spec)
+
+    def _advance(self, time: float) -> _Branch:
+        if self._last_time is not None and time == self._last_time:
+            self._branch += 1
+        else:
+            if self._last_time is not None and time > self._last_time:
+                self.stats.notes.append(
+                    f"timestep went up ({self._last_time:g} -> {time:g}) at call {len(self.stats.records)}: "
+                    "treated as a new trajectory, histories reset"
+                )
+                self.reset()
+                if not self._announced:
+                    self._num_steps = None
+            self._step += 1
+            self._branch = 0
+            self._last_time = time
+        if self._branch not in self._branches:
+            self._branches[self._branch] = _Branch(StepController(self.policy, self._num_steps))
+        return self._branches[self._branch]
+
+    def _run(self, graphs: _Graphs, branch: _Branch, leaves: list, time: float) -> tuple:
+        p = self.policy
+        step = self._step
+        decision = branch.controller.decide(step, time)
+        check_error = None
+        if not decision.compute:
+            residual = extrapolate(
+                branch.times, branch.residuals, time, method=p.method, order=max(decision.order, 0),
+                per_sample=p.per_sample, eps=p.eps, pole_margin=p.pole_margin, damping=decision.damping,
+            )
+            if bool(torch.isfinite(residual).all()):
+                out = graphs.predict(*leaves, residual)
+                branch.controller.record_predict()
+                self._record(step, time, decision, None)
+                return out
+            self.stats.notes.append(f"step {step}: predicted residual not finite, computed instead")
+        *out, residual = graphs.compute(*leaves)
+        if not bool(torch.isfinite(residual).all()):
+            self.stats.notes.append(f"step {step}: block-stack residual not finite, history cleared")
+            branch.times.clear()
+            branch.residuals.clear()
+            branch.controller.clear_history()
+            self._record(step, time, decision, None, computed=True)
+            return out
+        velocity = None
+        if branch.residuals:
+            predicted = extrapolate(
+                branch.times, branch.residuals, time, method=p.method, order=max(decision.order, 0),
+                per_sample=p.per_sample, eps=p.eps, pole_margin=p.pole_margin,
+            )
+            check_error = float(relative_error(residual, predicted, per_sample=p.per_sample).max())
+            last, dt = branch.residuals[-1], abs(time - branch.times[-1])
+            if dt > 0:
+                velocity = float(relative_error(residual, last, per_sample=False).max()) / dt
+        branch.controller.record_compute(step, time, check_error, velocity)
+        branch.times.append(time)
+        branch.residuals.append(residual)
+        del branch.times[: -p.history_size], branch.residuals[: -p.history_size]
+        self._record(step, time, decision, check_error, computed=True)
+        return out
+
+    def _record(self, step, time, decision, check_error, computed: bool = False) -> None:
+        self.stats.records.append(
+            StepRecord(
+                step=step, branch=self._branch, time=time, computed=computed, stage=decision.stage,
+                reason=decision.reason, order=decision.order, damping=decision.damping,
+                error_estimate=decision.error_estimate, check_error=check_error,
+            )
+        )
+
+    # -- introspection ---------------------------------------------------------------------------------------
+    @property
+    def graphs(self) -> _Graphs | None:
+        """The graphs of the current input signature (None before the first call)."""
+        return self._graphs.get(self._current_key)
+
+
+def _leaf_index_of(kwargs: dict, name: str, in_spec: pytree.TreeSpec) -> int:
+    marked = {k: (_Marker() if k == name else v) for k, v in kwargs.items()}
+    leaves, _ = flatten_call((), marked, in_spec)
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, _Marker):
+            return i
+    raise KeyError(name)
+
+
+class _Marker:
+    pass
