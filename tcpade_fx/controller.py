@@ -118,6 +118,10 @@ class StepController:
             self.decisions.append(d)
             return d
 
+        if p.schedule == "explicit":
+            if step >= len(p.mask) or p.mask[step] == "C" or have == 0:
+                return done(True, "explicit schedule" if have else "no history")
+            return done(False, "explicit schedule")
         is_last = self.num_steps is not None and step >= self.num_steps - 1
         if is_last and p.compute_last_step:
             return done(True, "last step")

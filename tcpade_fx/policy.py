@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Method = Literal["pade", "taylor", "reuse"]
-Schedule = Literal["adaptive", "fixed"]
+Schedule = Literal["adaptive", "fixed", "explicit"]
 
 METHODS: tuple[str, ...] = ("pade", "taylor", "reuse")
-SCHEDULES: tuple[str, ...] = ("adaptive", "fixed")
+SCHEDULES: tuple[str, ...] = ("adaptive", "fixed", "explicit")
 MAX_HISTORY = 4
 MAX_ORDER = 2
 
@@ -51,6 +51,8 @@ class Policy:
         schedule: ``"adaptive"`` (error-controlled horizon) or ``"fixed"`` (compute every ``interval``-th step
             after the early stage, the TaylorSeer/FORA-style baseline).
         interval: period of the fixed schedule.
+        mask: the explicit schedule, one character per step (``C`` compute, ``.`` predict), e.g. to replay another
+            policy's schedule with a different extrapolant; steps beyond the mask are computed.
     """
 
     method: Method = "pade"
@@ -73,6 +75,7 @@ class Policy:
     compute_budget: float | None = None
     schedule: Schedule = "adaptive"
     interval: int = 3
+    mask: str | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +120,8 @@ class Policy:
             problems.append(f"rise_factor={self.rise_factor!r} must be >= 1")
         if not problems and self.early_end > self.late_start:
             problems.append(f"early_end={self.early_end} must not exceed late_start={self.late_start}")
+        if self.schedule == "explicit" and (not isinstance(self.mask, str) or set(self.mask) - {"C", "."}):
+            problems.append(f"schedule='explicit' needs mask= a string of 'C' and '.', got {self.mask!r}")
         if problems:
             raise ValueError("invalid TC-Padé policy: " + "; ".join(problems))
 

@@ -166,9 +166,13 @@ class _MNISTFlowPipeline(DiffusionPipeline):
         model_labels = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if use_cfg else labels
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
+        timesteps = self.scheduler.timesteps
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
             x_in = torch.cat([latents, latents]) if use_cfg else latents
-            sigma = self._sigma_of(t).expand(x_in.shape[0]).to(device=device, dtype=dtype)
+            # flow schedulers keep the exact sigma; their integer timesteps are only rounded sigma·1000
+            sigma = sigmas[i] if sigmas is not None and len(sigmas) > i else self._sigma_of(t)
+            sigma = sigma.expand(x_in.shape[0]).to(device=device, dtype=dtype)
             v = self._velocity(x_in.to(dtype), sigma, model_labels).float()
             if use_cfg:
                 v_cond, v_uncond = v.chunk(2)
