@@ -15,6 +15,7 @@ largest magnitude), with pure tensor ops: no ``.item()`` and no Python branch on
 under ``torch.compile`` and ``torch.export``. Safeguards, each a ``torch.where`` branch:
 
 * ``b`` not finite, or ``1 + b·τ ≤ δ`` anywhere on ``[min τ_j, τ*]`` (a pole or a sign change): ``b = 0``;
+* ``D[τR]`` at float32 rounding level (``b`` not identifiable, e.g. two equal residuals among three nodes): ``b = 0``;
 * nodes closer than ``NODE_TOLERANCE`` of the span (repeated or nearly repeated times): reuse the last residual;
 * fewer history points than the order needs: the highest order the history allows (decided on the static count).
 """
@@ -32,6 +33,8 @@ Tensor = torch.Tensor
 #: Nodes closer than this fraction of the extrapolation span are treated as repeated (fall back to reuse).
 NODE_TOLERANCE = 1e-3
 _TINY = 1e-30
+#: A divided difference D[τR] whose RMS is within this many times n float32 ulps of zero is rounding noise.
+_ROUNDING_ULPS = 4.0
 
 
 def effective_order(method: str, order: int, available: int) -> int:
@@ -125,12 +128,16 @@ def _fit_normalised(u: Tensor, flats: list[Tensor], u_star: Tensor, eps: float, 
     d_r = sum(w[j] * flats[j] for j in range(len(flats))) * inv[:, None]
     d_ur = sum((w[j] * u[j]) * flats[j] for j in range(len(flats))) * inv[:, None]
     num = (d_r * d_ur).sum(dim=1)
-    den = (d_ur * d_ur).sum(dim=1) + eps
-    b = -num / den
+    energy = (d_ur * d_ur).sum(dim=1)
+    b = -num / (energy + eps)
+    # D[τR] at float32 rounding level (each of its elements sums n terms of magnitude <= 1, so rounding leaves up to
+    # ~n ulps): b is not identifiable from the data (exact arithmetic gives ±∞ or 0/0) and -num/(energy + eps) is
+    # rounding noise over eps, which can land anywhere, inside the pole guard's range too.
+    noise = d_ur.shape[1] * (_ROUNDING_ULPS * len(flats) * torch.finfo(torch.float32).eps) ** 2
     # 1 + b·u is linear: its minimum over the hull of the nodes and the target is at one of its ends. Diffusion
     # times decrease (u_j ≥ 0 ≥ u*), so the oldest node u.amax() is an end as much as u.amin() and u*.
     lowest = torch.minimum(torch.minimum(1.0 + b * u.amin(), 1.0 + b * u.amax()), 1.0 + b * u_star)
-    ok = torch.isfinite(b) & (lowest > pole_margin) & _nodes_distinct(u)
+    ok = torch.isfinite(b) & (lowest > pole_margin) & _nodes_distinct(u) & (energy > noise)
     return torch.where(ok, b, torch.zeros_like(b))
 
 
