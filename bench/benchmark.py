@@ -1,0 +1,242 @@
+"""The benchmark: TC-Padé against every baseline and peer on the bundled trained models, at equal compute.
+
+    python bench/benchmark.py                                   # both models, 20/28/50 steps, 200 samples
+    python bench/benchmark.py --models mnist-dit --steps 20 28 --samples 100
+    python bench/report.py                                      # BENCHMARKS.md + pareto.png from the results
+
+Rows are appended to bench/results/<model>.jsonl as they finish; a rerun skips rows already there (resumable).
+Same seeds (latents) for every row. Per row:
+
+* compute: fraction of block-stack evaluations relative to the full N-step run (fewer-steps rows: steps / N);
+* speedup: wall clock of the full run / this row, 1 thread, interleaved in one process, median of repeats, on a
+  timing batch (``--timing-samples``);
+* PSNR / SSIM against the full run of the same scheduler (what a cache promises: fidelity to the user's sampler);
+* PSNR against a converged reference: the same noise solved with 100 UniPC steps;
+* FD / KID in the bundled classifier's feature space against the 5,000 real digits, and class accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tcpade_fx  # noqa: E402
+from tcpade_fx import Policy, metrics, models  # noqa: E402
+from tcpade_fx.models.classifier import load_classifier  # noqa: E402
+from tcpade_fx.models.mnist import load_mnist_digits  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+GUIDANCE = 1.5
+
+
+def euler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def unipc():
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
+
+
+class Bench:
+    def __init__(self, model: str, samples: int, timing_samples: int, repeats: int, batch: int):
+        self.model = model
+        self.samples = samples
+        self.repeats = repeats
+        self.batch = batch
+        self.seeds = list(range(samples))
+        self.labels = [s % 10 for s in self.seeds]
+        self.latents = metrics.seeded_latents(self.seeds)
+        self.timing_labels = self.labels[:timing_samples]
+        self.timing_latents = self.latents[:timing_samples]
+        self.classifier = load_classifier()
+        real, _ = load_mnist_digits()
+        with torch.no_grad():
+            self.real_feats = self.classifier.features(real)
+        self.out_path = RESULTS / f"{model}.jsonl"
+        self.done: dict = {}
+        if self.out_path.exists():
+            for line in self.out_path.read_text().splitlines():
+                row = json.loads(line)
+                self.done[(row["steps"], row["label"], row["samples"])] = row
+        self._cache: dict = {}
+
+    # -- running ---------------------------------------------------------------------------------------------
+    def pipe(self, scheduler=None, policy=None, hook=None):
+        pipe = models.load(self.model)
+        if scheduler is not None:
+            pipe.scheduler = scheduler
+        if policy is not None:
+            tcpade_fx.compile(pipe, policy=policy)
+        if hook is not None:
+            hook(pipe)
+        return pipe
+
+    def sample(self, pipe, steps: int, labels=None, latents=None) -> torch.Tensor:
+        labels = self.labels if labels is None else labels
+        latents = self.latents if latents is None else latents
+        out = []
+        self.calls = self.computed_calls = 0
+        self.schedules = []
+        for i in range(0, len(labels), self.batch):
+            out.append(pipe(labels[i:i + self.batch], latents=latents[i:i + self.batch], num_inference_steps=steps,
+                            guidance_scale=GUIDANCE, output_type="pt").images)
+            runtime = getattr(pipe, "tcpade", None)
+            if runtime is not None:
+                self.calls += len(runtime.stats.records)
+                self.computed_calls += runtime.stats.computed
+                self.schedules.append(runtime.stats.decisions())
+        return torch.cat(out)
+
+    def reference(self, name: str, make, steps: int) -> torch.Tensor:
+        key = (name, steps)
+        if key not in self._cache:
+            path = RESULTS / "cache" / f"{self.model}-{name}-{steps}-{self.samples}.pt"
+            if path.exists():
+                self._cache[key] = torch.load(path, weights_only=True)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._cache[key] = self.sample(make(), steps)
+                torch.save(self._cache[key], path)
+        return self._cache[key]
+
+    def time_ratio(self, full_pipe, full_steps: int, pipe, steps: int) -> float:
+        """Median over repeats of t(full) / t(row), the two runs interleaved."""
+        run = lambda p, n: self.sample(p, n, self.timing_labels, self.timing_latents)  # noqa: E731
+        run(pipe, steps)  # warm-up (capture, verification)
+        ratios = []
+        for _ in range(self.repeats):
+            t0 = time.perf_counter()
+            run(full_pipe, full_steps)
+            t1 = time.perf_counter()
+            run(pipe, steps)
+            t2 = time.perf_counter()
+            ratios.append((t1 - t0) / (t2 - t1))
+        return statistics.median(ratios)
+
+    def row(self, steps: int, label: str, family: str, make, *, run_steps: int | None = None, full_of=None,
+            extra: dict | None = None) -> dict | None:
+        """Run one configuration ``make()`` (a pipeline) for ``run_steps`` (default N) and record it."""
+        if (steps, label, self.samples) in self.done:
+            return self.done[(steps, label, self.samples)]
+        run_steps = run_steps or steps
+        full_name, full_make = full_of or ("euler", lambda: self.pipe(euler()))
+        full = self.reference(full_name, full_make, steps)
+        converged = self.reference("converged", lambda: self.pipe(unipc()), 100)
+        pipe = make()
+        t0 = time.perf_counter()
+        images = self.sample(pipe, run_steps)
+        seconds = time.perf_counter() - t0
+        if self.calls:
+            computed = self.computed_calls / self.calls * run_steps / steps
+            schedule = self.schedules[0]
+        elif extra and "compute" in extra:
+            computed = extra["compute"]
+            schedule = None
+        else:
+            computed = run_steps / steps
+            schedule = None
+        speedup = self.time_ratio(full_make(), steps, pipe, run_steps)
+        with torch.no_grad():
+            feats = self.classifier.features(images)
+            accuracy = (self.classifier.head(feats).argmax(1) == torch.tensor(self.labels)).float().mean().item()
+        result = {
+            "model": self.model, "steps": steps, "label": label, "family": family, "samples": self.samples,
+            "compute": round(computed, 4), "computed_steps": round(computed * steps, 2),
+            "speedup": round(speedup, 3), "ideal_speedup": round(1 / computed, 3) if computed else None,
+            "psnr_full": round(metrics.psnr(full, images), 3), "ssim_full": round(metrics.ssim(full, images), 4),
+            "psnr_converged": round(metrics.psnr(converged, images), 3),
+            "fd": round(metrics.frechet_distance(self.real_feats, feats), 3),
+            "kid": round(metrics.kernel_inception_distance(self.real_feats, feats), 5),
+            "accuracy": round(accuracy, 4), "schedule": schedule, "seconds": round(seconds, 1),
+            "full": full_name,
+        }
+        if extra:
+            result.update({k: v for k, v in extra.items() if k != "compute"})
+        with self.out_path.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        self.done[(steps, label, self.samples)] = result
+        print(f"{self.model} N={steps} {label:<34} compute {computed:5.2f} speedup {speedup:4.2f} "
+              f"PSNR {result['psnr_full']:6.2f} conv {result['psnr_converged']:6.2f} FD {result['fd']:7.2f} "
+              f"acc {accuracy:.3f}", flush=True)
+        return result
+
+
+def fixed_interval_for(steps: int, computed: int, early: int) -> int:
+    """The fixed-schedule interval whose compute count is closest to ``computed`` (warm-up + last step kept)."""
+    best, best_gap = 1, math.inf
+    for k in range(1, steps):
+        count = early + len(range(early, steps - 1, k)) + 1
+        if abs(count - computed) < best_gap:
+            best, best_gap = k, abs(count - computed)
+    return best
+
+
+def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bool) -> None:
+    b = bench
+    for n in steps_list:
+        b.row(n, "full (Euler)", "full", lambda: b.pipe(euler()))
+        b.row(n, "full (UniPC)", "full", lambda: b.pipe(unipc()), full_of=("unipc", lambda: b.pipe(unipc())))
+        for preset in presets:
+            policy = Policy.preset(preset)
+            r = b.row(n, f"TC-Padé {preset}", "tcpade", lambda: b.pipe(euler(), policy))
+            c = max(2, round(r["computed_steps"]))
+            b.row(n, f"fewer steps Euler ({c})", "fewer", lambda: b.pipe(euler()), run_steps=c)
+            b.row(n, f"fewer steps UniPC ({c})", "fewer", lambda: b.pipe(unipc()), run_steps=c)
+            mask = r["schedule"]
+            for method, order in (("reuse", 0), ("taylor", 1), ("taylor", 2)):
+                name = "reuse" if method == "reuse" else f"Taylor-{order}"
+                replay = Policy(method=method, order=order, late_order=min(order, 1), schedule="explicit", mask=mask)
+                b.row(n, f"{name} on {preset} schedule", "same-schedule", lambda: b.pipe(euler(), replay))
+            early = math.ceil(policy.early_end * (n - 1)) if n > 1 else 1
+            k = fixed_interval_for(n, c, max(early, 3))
+            for method, order, name in (("reuse", 0, "reuse"), ("taylor", 1, "Taylor-1"), ("pade", 1, "Padé [1/1]")):
+                fixed = Policy(method=method, order=order, late_order=order, schedule="fixed", interval=k,
+                               early_end=max(early, 3) / max(1, n - 1))
+                b.row(n, f"{name} fixed every {k}", "fixed", lambda: b.pipe(euler(), fixed))
+            b.row(n, f"TC-Padé {preset} on UniPC", "tcpade+unipc", lambda: b.pipe(unipc(), policy),
+                  full_of=("unipc", lambda: b.pipe(unipc())))
+        if peers:
+            from peers import peer_rows  # bench/peers.py
+
+            for label, family, make, extra in peer_rows(b, n):
+                b.row(n, label, family, make, extra=extra)
+
+
+def main() -> None:
+    global RESULTS
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["mnist-dit", "mnist-flux"])
+    ap.add_argument("--steps", nargs="+", type=int, default=[20, 28, 50])
+    ap.add_argument("--presets", nargs="+", default=["quality", "balanced", "fast"])
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--timing-samples", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--results", default=str(RESULTS), help="folder of the resumable JSONL results")
+    args = ap.parse_args()
+    RESULTS = Path(args.results)
+    torch.set_num_threads(1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT / "bench"))
+    for model in args.models:
+        bench = Bench(model, args.samples, args.timing_samples, args.repeats, args.batch)
+        run_model(bench, args.steps, args.presets, not args.no_peers)
+
+
+if __name__ == "__main__":
+    main()
