@@ -12,7 +12,7 @@ from .runtime import BACKENDS, TCPadeRuntime
 
 T = TypeVar("T")
 
-_CACHE_HOOK_MARKERS = ("cache", "pyramid", "broadcast", "taylorseer")
+_CACHE_HOOK_MARKERS = ("cache", "pyramid", "broadcast", "taylorseer", "fbc_")  # fbc_: first-block cache
 
 
 def _transformer_of(target) -> torch.nn.Module:
@@ -52,6 +52,8 @@ def _pipeline_class_with_reset(cls: type) -> type:
         if scheduler is not None:
             bound = type(scheduler).set_timesteps.__get__(scheduler)
 
+            # wraps: pipelines inspect set_timesteps' signature (retrieve_timesteps looks for `sigmas`/`timesteps`)
+            @functools.wraps(bound)
             def set_timesteps(*a, **k):
                 result = bound(*a, **k)
                 runtime.begin(num_steps=len(scheduler.timesteps))

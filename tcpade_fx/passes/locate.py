@@ -42,14 +42,17 @@ def _block_pattern(prefixes: tuple[str, ...]) -> re.Pattern:
 
 
 def discover_block_prefixes(gm: torch.fx.GraphModule) -> tuple[str, ...]:
-    """Generic fallback: ModuleList names that appear as ``<name>.<index>`` with at least two indices."""
+    """Generic fallback: ModuleList names that appear as ``<name>.<index>`` with at least two indices whose
+    entries are blocks, i.e. have submodules of their own (an ``nn.Sequential`` of Linear/activation layers is
+    an MLP, not a block stack)."""
     seen: dict[str, set[int]] = {}
-    for node in gm.graph.nodes:
-        for path in _stack_paths(node):
-            m = re.match(r"^(?:.*\.)?([A-Za-z_][\w]*)\.(\d+)$", path)
-            if m and "." not in path.split(m.group(1))[0].strip("."):
+    paths = {path for node in gm.graph.nodes for path in _stack_paths(node)}
+    for path in paths:
+        m = re.match(r"^(?:.*\.)?([A-Za-z_][\w]*)\.(\d+)$", path)
+        if m and "." not in path.split(m.group(1))[0].strip("."):
+            if any(other.startswith(path + ".") for other in paths):
                 seen.setdefault(m.group(1), set()).add(int(m.group(2)))
-    return tuple(name for name, idx in seen.items() if len(idx) >= 2)
+    return tuple(sorted(name for name, idx in seen.items() if len(idx) >= 2))
 
 
 def _target_name(node: torch.fx.Node) -> str:
@@ -105,8 +108,8 @@ def locate_block_stack(gm: torch.fx.GraphModule, prefixes: tuple[str, ...] | Non
             return locate_block_stack(gm, tuple(found))
         raise UnsupportedModelError(
             f"no transformer-block stack found: looked for ops inside modules named {list(prefixes)}.<index> "
-            "(and any ModuleList with two or more entries). Pass block_prefixes=(...) naming your model's block "
-            "ModuleList(s)."
+            "(and any ModuleList with two or more entries that have submodules). Pass block_prefixes=(...) "
+            "naming your model's block ModuleList(s)."
         )
     first, last = in_block[0], in_block[-1]
     block_set = {nodes[i] for i in in_block}

@@ -64,12 +64,16 @@ def build_predict_graph(gm: torch.fx.GraphModule, plan: BlockStackPlan) -> torch
     h_out_old = _by_name(gm, plan.body_output)
     h_out = val_map[h_out_old]
     dtype = _dtype(h_out_old) or torch.float32
-    with graph.inserting_before(h_in.next):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    anchor = h_in if order[h_in] > order[residual] else residual  # h_in may itself be an input placeholder
+    with graph.inserting_before(anchor.next):
         x = graph.call_function(aten.to.dtype, (h_in, torch.float32))
         x = graph.call_function(aten.add.Tensor, (x, residual))
         x = graph.call_function(aten.to.dtype, (x, dtype))
         pred = graph.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
     h_out.replace_all_uses_with(pred)
+    # the output value was copied before the output node exists: a body output returned as is needs mapping too
+    out = torch.fx.node.map_arg(out, lambda n: pred if n is h_out else n)
     graph.output(tuple(_flat_outputs(out)))
     body = {val_map[_by_name(gm, name)] for name in plan.body_nodes}
     for node in reversed(list(graph.nodes)):

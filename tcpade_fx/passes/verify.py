@@ -23,10 +23,20 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / (a.norm() + 1e-30))
 
 
+def _run(what: str, gm: torch.fx.GraphModule, leaves: Sequence[Any], plan: BlockStackPlan | None = None):
+    """Run a transformed graph; a failure (e.g. a residual input whose shape does not match) is a wrong plan."""
+    try:
+        return gm(*leaves)
+    except Exception as exc:  # shape/dtype errors from a wrong plan surface here as torch errors of many kinds
+        where = "" if plan is None else f" (body {plan.prefixes}, input {plan.body_input}, output {plan.body_output})"
+        raise VerificationError(f"{what} fails on the captured inputs{where}: {type(exc).__name__}: {exc}") from exc
+
+
 def verify_split(original: torch.fx.GraphModule, split: torch.fx.GraphModule, leaves: Sequence[Any]) -> None:
     """The head/body/tail split must give the original outputs bit for bit."""
     with torch.no_grad():
-        ref, got = _tensors(original(*leaves)), _tensors(split(*leaves))
+        ref = _tensors(original(*leaves))
+        got = _tensors(_run("the head/body/tail split", split, leaves))
     if len(ref) != len(got) or not all(torch.equal(r, g) for r, g in zip(ref, got)):
         raise VerificationError("the head/body/tail split does not reproduce the original output bit for bit")
 
@@ -43,15 +53,22 @@ def verify_rewrite(
 
     Returns the relative difference of the predict path; raises :class:`VerificationError` otherwise.
     """
+    shapes = {n.name: tuple(n.meta["val"].shape) for n in original.graph.nodes
+              if n.name in (plan.body_input, plan.body_output) and isinstance(n.meta.get("val"), torch.Tensor)}
+    if len(shapes) == 2 and shapes[plan.body_input] != shapes[plan.body_output]:
+        raise VerificationError(
+            f"the located body is not a residual stack: its input {plan.body_input} has shape "
+            f"{shapes[plan.body_input]}, its output {plan.body_output} has shape {shapes[plan.body_output]}"
+        )
     with torch.no_grad():
         ref = _tensors(original(*leaves))
-        *outs, residual = compute(*leaves)
+        *outs, residual = _run("the compute graph", compute, leaves, plan)
         outs = _tensors(outs)
         if len(outs) != len(ref) or not all(torch.equal(r, o) for r, o in zip(ref, outs)):
             raise VerificationError("the compute graph does not reproduce the original output bit for bit")
         if not torch.isfinite(residual).all():
             raise VerificationError("the block-stack residual is not finite on the captured inputs")
-        pred = _tensors(predict(*leaves, residual))
+        pred = _tensors(_run("the predict graph", predict, (*leaves, residual), plan))
     if tolerance is None:
         tolerance = 1e-4 if ref[0].dtype == torch.float32 else 2e-2
     worst = max(relative_difference(r, p) for r, p in zip(ref, pred))

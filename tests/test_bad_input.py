@@ -1,0 +1,205 @@
+"""Bad input: clear errors for wrong arguments and models, and no mixed histories or silent NaN predictions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tcpade_fx
+from tcpade_fx import Policy
+from tcpade_fx.passes import UnsupportedModelError
+from tcpade_fx.policy import PRESETS
+from tcpade_fx.runtime import BACKENDS
+from tcpade_fx.testing import tiny_dit, tiny_flux
+
+STEPS = 20
+
+
+def times(t0: float = 1000.0, steps: int = STEPS) -> list[float]:
+    return [t0 * (1 - i / steps) for i in range(steps)]
+
+
+def call(module, kwargs, t: float, **changes):
+    kw = {**kwargs, **changes}
+    batch = kw["hidden_states"].shape[0]
+    with torch.no_grad():
+        return module(**{**kw, "timestep": torch.full((batch,), t)})[0]
+
+
+# -- arguments ----------------------------------------------------------------------------------------------------
+def test_unknown_policy_lists_the_presets():
+    module, _ = tiny_dit()
+    with pytest.raises(ValueError) as info:
+        tcpade_fx.compile(module, policy="turbo")
+    msg = str(info.value)
+    assert "'turbo'" in msg
+    for name in PRESETS:
+        assert repr(name) in msg
+    with pytest.raises(TypeError, match="preset name"):
+        tcpade_fx.compile(module, policy=0.4)
+    assert not hasattr(module, "tcpade") and "forward" not in module.__dict__
+
+
+def test_unknown_backend_lists_the_backends():
+    module, _ = tiny_dit()
+    with pytest.raises(ValueError) as info:
+        tcpade_fx.compile(module, backend="tvm")
+    msg = str(info.value)
+    assert "'tvm'" in msg and all(repr(b) in msg for b in BACKENDS)
+    assert not hasattr(module, "tcpade")
+
+
+def test_invalid_policy_fields_are_named():
+    with pytest.raises(ValueError, match="mid_max_skip"):
+        Policy(mid_max_skip=-1)
+
+
+def test_a_target_without_a_transformer_is_refused():
+    class UNetPipelineLike:
+        unet = nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="transformer"):
+        tcpade_fx.compile(UNetPipelineLike())
+
+
+# -- models -------------------------------------------------------------------------------------------------------
+class SequentialMLP(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 16), nn.SiLU(), nn.Linear(16, dim))
+
+    def forward(self, hidden_states, timestep):
+        return self.net(hidden_states + timestep[:, None])
+
+
+def test_unsupported_model_names_what_was_looked_for():
+    module = SequentialMLP().eval()
+    tcpade_fx.compile(module)  # capture happens at the first call, with the user's shapes
+    with pytest.raises(UnsupportedModelError) as info:
+        module(hidden_states=torch.randn(2, 8), timestep=torch.ones(2))
+    msg = str(info.value)
+    assert "transformer_blocks" in msg and "blocks" in msg and "block_prefixes" in msg
+    tcpade_fx.disable(module)
+    assert module(hidden_states=torch.randn(2, 8), timestep=torch.ones(2)).shape == (2, 8)
+
+
+def test_a_call_without_timestep_is_explained():
+    module = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    tcpade_fx.compile(module)
+    with pytest.raises(TypeError, match="timestep"):
+        module(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("how", ["enable_cache", "apply_first_block_cache", "taylorseer"])
+def test_an_enabled_diffusers_cache_is_refused_with_an_explanation(how):
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks import apply_first_block_cache
+
+    module, kwargs = tiny_flux()
+    if how == "enable_cache":
+        module.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    elif how == "apply_first_block_cache":
+        apply_first_block_cache(module, FirstBlockCacheConfig(threshold=0.2))
+    else:
+        module.enable_cache(TaylorSeerCacheConfig())
+    with pytest.raises(RuntimeError) as info:
+        tcpade_fx.compile(module)
+    msg = str(info.value)
+    assert "cache is already enabled" in msg and "disable" in msg
+    assert "fbc" in msg or "enable_cache" in msg
+    assert not hasattr(module, "tcpade") and "forward" not in module.__dict__
+    if how != "apply_first_block_cache":  # enable_cache has its inverse; then compiling works
+        module.disable_cache()
+        tcpade_fx.compile(module)
+        assert call(module, kwargs, 0.5).shape == kwargs["hidden_states"].shape
+
+
+# -- runtime ------------------------------------------------------------------------------------------------------
+def test_a_shape_change_mid_run_recaptures_and_never_mixes_histories():
+    module, kwargs = tiny_dit(batch=2)
+    small = dict(hidden_states=kwargs["hidden_states"][:1], class_labels=kwargs["class_labels"][:1])
+    ts = times()
+    tcpade_fx.compile(module, "balanced")
+    runtime = module.tcpade
+    runtime.begin(STEPS)
+    for t in ts[:10]:
+        call(module, kwargs, t)
+    after = [call(module, kwargs, t, **small) for t in ts[10:]]
+    notes = runtime.stats.notes
+    assert any("input signature changed at call 10" in n and "re-captured" in n and "histories reset" in n
+               for n in notes), notes
+    assert runtime.stats.captures == 2
+    assert all(r.shape[0] == 1 for b in runtime._branches.values() for r in b.residuals)
+
+    # the calls after the change behave exactly like a fresh run on the new shape
+    tcpade_fx.compile(module, "balanced")
+    module.tcpade.begin(STEPS)
+    fresh = [call(module, kwargs, t, **small) for t in ts[10:]]
+    assert all(torch.equal(a, b) for a, b in zip(after, fresh))
+
+    # going back to a shape seen before reuses its graphs (no new capture), again with fresh histories
+    runtime = module.tcpade
+    runtime.begin(STEPS)
+    call(module, kwargs, ts[0])
+    call(module, kwargs, ts[1], **small)
+    assert runtime.stats.captures == 1, runtime.stats.notes
+    assert "re-captured" in runtime.stats.notes[0] and "reused" in runtime.stats.notes[1]
+    assert [r.step for r in runtime.stats.records] == [0, 0]
+
+
+def test_a_pipeline_called_at_another_size_recaptures():
+    pytest.importorskip("transformers")
+    from tcpade_fx.testing_pipelines import output_of, tiny_sd3_pipeline
+
+    pipe, kwargs = tiny_sd3_pipeline()
+    tcpade_fx.compile(pipe, "balanced")
+    bigger = {**kwargs, "height": 32, "width": 32}
+
+    def run(kw):
+        return output_of(pipe(**kw, num_inference_steps=8, generator=torch.Generator().manual_seed(0)))
+
+    run(kwargs)
+    out = run(bigger)
+    assert out.shape[-1] == 32 and pipe.tcpade.stats.captures == 1
+    assert any("re-captured" in n for n in pipe.tcpade.stats.notes)
+    tcpade_fx.compile(pipe, "balanced")
+    assert torch.equal(run(bigger), out)
+
+
+def test_timesteps_going_up_outside_a_pipeline_reset_and_say_so():
+    module, kwargs = tiny_dit()
+    tcpade_fx.compile(module, "balanced")
+    first = [call(module, kwargs, t) for t in times()]
+    second = [call(module, kwargs, t) for t in times()]
+    notes = module.tcpade.stats.notes
+    assert any(f"timestep went up (50 -> 1000) at call {STEPS}" in n and "histories reset" in n for n in notes), notes
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # nothing leaked from the first trajectory
+    assert module.tcpade.stats.predicted > 0
+
+
+def test_a_nan_residual_clears_the_history_and_is_reported():
+    module, kwargs = tiny_dit()
+    ts = times()
+    tcpade_fx.compile(module, "balanced")
+    runtime = module.tcpade
+    runtime.begin(STEPS)
+    for t in ts:
+        call(module, kwargs, t)
+    schedule = runtime.stats.decisions()
+    # a computed mid-run step followed by a predicted one: the NaN goes into a computed step's residual
+    k = next(i for i in range(2, STEPS - 1) if schedule[i] == "C" and schedule[i + 1] == ".")
+
+    runtime.begin(STEPS)
+    nan = torch.full_like(kwargs["hidden_states"], float("nan"))
+    outs = [call(module, kwargs, t, hidden_states=nan) if i == k else call(module, kwargs, t)
+            for i, t in enumerate(ts)]
+    stats = runtime.stats
+    assert any(f"step {k}: block-stack residual not finite, history cleared" in n for n in stats.notes), stats.notes
+    assert stats.records[k].computed
+    assert stats.records[k + 1].computed and stats.records[k + 1].reason == "no history"
+    assert not torch.isfinite(outs[k]).all()
+    assert all(torch.isfinite(o).all() for i, o in enumerate(outs) if i != k)
+    assert all(torch.isfinite(r).all() for b in runtime._branches.values() for r in b.residuals)
+    # predictions resume once the history has refilled
+    assert any(not r.computed for r in stats.records[k + 1:])
