@@ -32,10 +32,20 @@ def _run(what: str, gm: torch.fx.GraphModule, leaves: Sequence[Any], plan: Block
         raise VerificationError(f"{what} fails on the captured inputs{where}: {type(exc).__name__}: {exc}") from exc
 
 
+def _finite_reference(original: torch.fx.GraphModule, leaves: Sequence[Any]) -> list[torch.Tensor]:
+    ref = _tensors(original(*leaves))
+    if not all(bool(torch.isfinite(r).all()) for r in ref if r.is_floating_point()):
+        raise VerificationError(
+            "the transformer's own output is not finite (NaN/Inf) on the first call's inputs, so the rewrite cannot "
+            "be verified: check the inputs (latents, embeddings, timestep) and the model dtype"
+        )
+    return ref
+
+
 def verify_split(original: torch.fx.GraphModule, split: torch.fx.GraphModule, leaves: Sequence[Any]) -> None:
     """The head/body/tail split must give the original outputs bit for bit."""
     with torch.no_grad():
-        ref = _tensors(original(*leaves))
+        ref = _finite_reference(original, leaves)
         got = _tensors(_run("the head/body/tail split", split, leaves))
     if len(ref) != len(got) or not all(torch.equal(r, g) for r, g in zip(ref, got)):
         raise VerificationError("the head/body/tail split does not reproduce the original output bit for bit")
@@ -61,7 +71,7 @@ def verify_rewrite(
             f"{shapes[plan.body_input]}, its output {plan.body_output} has shape {shapes[plan.body_output]}"
         )
     with torch.no_grad():
-        ref = _tensors(original(*leaves))
+        ref = _finite_reference(original, leaves)
         *outs, residual = _run("the compute graph", compute, leaves, plan)
         outs = _tensors(outs)
         if len(outs) != len(ref) or not all(torch.equal(r, o) for r, o in zip(ref, outs)):
