@@ -149,7 +149,11 @@ class TCPadeRuntime:
         *,
         verify: bool = True,
         block_prefixes: tuple[str, ...] | None = None,
+        graph_source: Callable[[dict], "_Graphs"] | None = None,
     ):
+        """``graph_source``, when given, replaces capture + backend: it is called with the bound keyword
+        arguments of each new input signature and returns the graphs to step with (the exported runners of
+        :mod:`tcpade_fx.export` plug onnxruntime sessions or TensorRT engines in this way)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         self.module = module
@@ -157,6 +161,7 @@ class TCPadeRuntime:
         self.backend = backend
         self.verify = verify
         self.block_prefixes = block_prefixes
+        self.graph_source = graph_source
         self.signature = inspect.signature(type(module).forward)
         self.stats = TCPadeStats()
         self._graphs: dict[Any, _Graphs] = {}
@@ -210,6 +215,8 @@ class TCPadeRuntime:
         return (str(spec), tuple(parts))
 
     def _build(self, kwargs: dict) -> _Graphs:
+        if self.graph_source is not None:
+            return self.graph_source(kwargs)
         if "timestep" not in kwargs or not isinstance(kwargs["timestep"], torch.Tensor):
             raise TypeError(
                 f"{type(self.module).__name__} was called without a tensor `timestep`; tcpade_fx identifies steps "

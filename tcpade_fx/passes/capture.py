@@ -50,15 +50,20 @@ def strip_assertions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def capture_graph(module: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> CapturedGraph:
+def capture_graph(
+    module: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, dynamic_shapes: Any = None
+) -> CapturedGraph:
     """Export ``module(*args, **kwargs)`` into a flat-input GraphModule whose parameters are the module's own.
+
+    ``dynamic_shapes`` is passed to ``torch.export.export`` unchanged (default: static shapes, as the runtime
+    wants); the exporters use it to keep the batch axis symbolic in the graphs they write.
 
     Raises a RuntimeError naming the module when torch.export cannot capture it.
     """
     kwargs = dict(kwargs or {})
     try:
         with torch.no_grad():
-            ep = torch.export.export(module, tuple(args), kwargs, strict=False)
+            ep = torch.export.export(module, tuple(args), kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # export errors are many and deep; keep the cause attached
         raise RuntimeError(
             f"tcpade_fx could not capture {type(module).__name__} with torch.export (non-strict): {exc}. "

@@ -1,0 +1,250 @@
+"""manifest.json of an export folder: what was exported, from what, and the checks a loader makes against it.
+
+The folder holds only the graph files (``.onnx`` or raw TensorRT ``.engine``) and this JSON file; nothing in it
+is ever unpickled. :func:`read_manifest` refuses a manifest written by another library version, one whose policy
+fields do not match this library's :class:`~tcpade_fx.Policy`, or graph files whose hash or declared inputs and
+outputs differ from it; each refusal says what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..policy import PRESETS, Policy, resolve_policy
+from ._capture import ExportCapture, file_sha256
+
+FORMAT = "tcpade-fx-export"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ManifestMismatchError(ValueError):
+    """The export folder does not match this library, the requested policy or the inputs it is called with."""
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ManifestMismatchError(f"manifest names an unknown dtype {name!r}")
+    return dtype
+
+
+def policy_fields(policy: Policy) -> dict:
+    return dataclasses.asdict(policy)
+
+
+def call_section(cap: ExportCapture) -> dict:
+    """The call's leaves (tensor or constant, shape, dtype, batch axis), pytree specs and the timestep input."""
+    leaves = []
+    for i, (name, x) in enumerate(zip(cap.leaf_names, cap.leaves)):
+        if isinstance(x, torch.Tensor):
+            leaves.append({
+                "index": i, "name": name, "kind": "tensor", "shape": list(x.shape), "dtype": dtype_name(x.dtype),
+                "dynamic_axes": {"0": "batch"} if i in cap.batch_leaves else {},
+            })
+        else:
+            leaves.append({"index": i, "name": name, "kind": "constant", "value": x})
+    return {
+        "in_spec": json.loads(pytree.treespec_dumps(cap.in_spec)),
+        "out_spec": json.loads(pytree.treespec_dumps(cap.out_spec)),
+        "leaves": leaves,
+        "outputs": cap.output_names,
+        "timestep_input": cap.leaf_names[cap.timestep_position],
+        "timestep_leaf": cap.timestep_position,
+        "residual": {
+            "name": "tcpade_residual", "shape": list(cap.residual.shape), "dtype": "float32",
+            "dynamic_axes": {"0": "batch"} if cap.batch_leaves else {},
+        },
+        "batch": None if not cap.batch_leaves else {"example": cap.batch_size, "min": 1, "max": 4096},
+    }
+
+
+def base_manifest(cap: ExportCapture, policy: Policy, backend: str, weights_sha256: str) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": _version(),
+        "torch_version": torch.__version__,
+        "backend": backend,
+        "model_class": f"{type(cap.module).__module__}.{type(cap.module).__name__}",
+        "weights_sha256": weights_sha256,
+        "weights_hash_recipe": "sha256 over sorted state_dict entries: name|dtype|shape| then raw bytes",
+        "policy": policy_fields(policy),
+        "block_stack": {
+            "prefixes": list(cap.plan.prefixes), "num_blocks": cap.plan.num_blocks,
+            "body_input": cap.plan.body_input, "body_output": cap.plan.body_output,
+        },
+        "call": call_section(cap),
+        "notes": list(cap.notes),
+        "graphs": {},
+    }
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> Path:
+    path = Path(out_dir) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+# -- reading and checking -----------------------------------------------------------------------------------
+def _policy_from_fields(fields: Any) -> Policy:
+    if not isinstance(fields, dict):
+        raise ManifestMismatchError("manifest policy is not an object of Policy fields")
+    known = {f.name for f in dataclasses.fields(Policy)}
+    missing, unknown = sorted(known - set(fields)), sorted(set(fields) - known)
+    if missing or unknown:
+        raise ManifestMismatchError(
+            f"manifest policy fields do not match this library's Policy: missing {missing}, unknown {unknown}"
+        )
+    try:
+        policy = Policy(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ManifestMismatchError(f"manifest policy is not valid here: {exc}") from None
+    if policy.name in PRESETS:
+        preset = policy_fields(PRESETS[policy.name])
+        diff = {k: (v, preset[k]) for k, v in fields.items() if preset[k] != v}
+        if diff:
+            raise ManifestMismatchError(
+                f"manifest policy claims the preset {policy.name!r} but its fields differ from this library's "
+                "preset (manifest, library): " + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+            )
+    return policy
+
+
+def policy_difference(a: Policy, b: Policy) -> dict:
+    fa, fb = policy_fields(a), policy_fields(b)
+    return {k: (fa[k], fb[k]) for k in fa if k != "name" and fa[k] != fb[k]}
+
+
+def read_manifest(out_dir: Path) -> dict:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a tcpade_fx export folder (write one with to_onnx)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestMismatchError(f"{path} is not valid JSON: {exc}") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ManifestMismatchError(
+            f"{path} is format {manifest.get('format')!r} v{manifest.get('format_version')!r}; this library reads "
+            f"{FORMAT!r} v{FORMAT_VERSION}"
+        )
+    if manifest.get("library_version") != _version():
+        raise ManifestMismatchError(
+            f"export was written by tcpade_fx {manifest.get('library_version')!r}, this is tcpade_fx {_version()!r}; "
+            "re-export with this version (graphs and policy semantics may differ between versions)"
+        )
+    return manifest
+
+
+def resolve_load_policy(manifest: dict, policy, allow_policy_change: bool) -> Policy:
+    exported = _policy_from_fields(manifest.get("policy"))
+    if policy is None:
+        return exported
+    wanted = resolve_policy(policy)
+    diff = policy_difference(exported, wanted)
+    if diff and not allow_policy_change:
+        raise ManifestMismatchError(
+            f"the export was made with policy {exported.name!r}; the requested policy {wanted.name!r} differs in "
+            + ", ".join(f"{k}: {a!r} (export) vs {b!r} (requested)" for k, (a, b) in diff.items())
+            + ". The graphs do not depend on the policy: pass allow_policy_change=True to run them with it anyway"
+        )
+    return wanted
+
+
+def check_graph_file(out_dir: Path, name: str, entry: dict) -> Path:
+    path = Path(out_dir) / entry["file"]
+    if Path(entry["file"]).name != entry["file"]:
+        raise ManifestMismatchError(f"graph {name!r} file {entry['file']!r} must be a plain name inside the folder")
+    if not path.is_file():
+        raise FileNotFoundError(f"graph {name!r}: {path} is missing")
+    digest = file_sha256(path)
+    if digest != entry.get("sha256"):
+        raise ManifestMismatchError(
+            f"graph {name!r}: {path.name} has sha256 {digest[:16]}…, the manifest records "
+            f"{str(entry.get('sha256'))[:16]}… (file changed after export)"
+        )
+    return path
+
+
+def compare_io(name: str, declared: list[dict], found: list[dict], what: str) -> None:
+    """Names, shapes and dtypes the manifest declares for a graph must be those the graph file declares."""
+    problems = []
+    if [d["name"] for d in declared] != [f["name"] for f in found]:
+        problems.append(f"{what} names {[f['name'] for f in found]} vs manifest {[d['name'] for d in declared]}")
+    else:
+        for d, f in zip(declared, found):
+            if d["dtype"] != f["dtype"]:
+                problems.append(f"{what} {d['name']}: dtype {f['dtype']} vs manifest {d['dtype']}")
+            if list(d["shape"]) != list(f["shape"]):
+                problems.append(f"{what} {d['name']}: shape {f['shape']} vs manifest {d['shape']}")
+    if problems:
+        raise ManifestMismatchError(f"graph {name!r} does not match its manifest: " + "; ".join(problems))
+
+
+def _kwarg_specs(spec: pytree.TreeSpec) -> dict | None:
+    try:
+        kwargs = spec.child(1)
+        return {k: kwargs.child(i) for i, k in enumerate(kwargs.context)}
+    except Exception:  # not an (args, kwargs) spec
+        return None
+
+
+def _spec_difference(got: pytree.TreeSpec, want: pytree.TreeSpec) -> str:
+    g, w = _kwarg_specs(got), _kwarg_specs(want)
+    if g is None or w is None:
+        return f"got {got}, the export expects {want}"
+    parts = [f"{k} is missing" for k in w if k not in g] + [f"{k} is not an exported argument" for k in g if k not in w]
+    parts += [f"{k} has structure {g[k]}, the export expects {w[k]}" for k in w if k in g and g[k] != w[k]]
+    return "; ".join(parts) or f"got {got}, the export expects {want}"
+
+
+def check_call(manifest: dict, leaves: list, spec: pytree.TreeSpec) -> None:
+    """The call's structure, constants, dtypes and static dims must be those of the export."""
+    call = manifest["call"]
+    expected_spec = pytree.treespec_loads(json.dumps(call["in_spec"]))
+    if spec != expected_spec:
+        raise ManifestMismatchError("the call does not have the exported structure: " + _spec_difference(spec, expected_spec))
+    problems = []
+    batch = None
+    for entry, x in zip(call["leaves"], leaves):
+        name = entry["name"]
+        if entry["kind"] == "constant":
+            if isinstance(x, torch.Tensor) or x != entry["value"] or type(x) is not type(entry["value"]):
+                problems.append(f"{name}={x!r} but the export specialised {name}={entry['value']!r}")
+            continue
+        if not isinstance(x, torch.Tensor):
+            problems.append(f"{name} is {type(x).__name__}, the export expects a tensor")
+            continue
+        if dtype_name(x.dtype) != entry["dtype"]:
+            problems.append(f"{name} has dtype {dtype_name(x.dtype)}, the export expects {entry['dtype']}")
+        shape, want = list(x.shape), entry["shape"]
+        dyn = {int(a) for a in entry.get("dynamic_axes", {})}
+        if len(shape) != len(want) or any(s != w for a, (s, w) in enumerate(zip(shape, want)) if a not in dyn):
+            shown = ["batch" if a in dyn else w for a, w in enumerate(want)]
+            problems.append(f"{name} has shape {shape}, the export expects {shown}")
+        elif 0 in dyn:
+            if batch is not None and shape[0] != batch:
+                problems.append(f"{name} has batch {shape[0]}, other inputs have batch {batch}")
+            batch = shape[0]
+    limits = call.get("batch")
+    if batch is not None and limits and not limits["min"] <= batch <= limits["max"]:
+        problems.append(f"batch {batch} is outside the exported range [{limits['min']}, {limits['max']}]")
+    if problems:
+        raise ManifestMismatchError("inputs do not match the export: " + "; ".join(problems))

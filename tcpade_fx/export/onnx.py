@@ -1,0 +1,213 @@
+"""Export a TC-Padé transformer to ONNX: ``compute.onnx``, ``predict.onnx`` and ``manifest.json``.
+
+    folder = tcpade_fx.export.to_onnx(pipe, "dit-onnx", policy="balanced")
+    tcpade_fx.export.load("dit-onnx").install(pipe)          # the transformer now runs in onnxruntime
+    images = pipe([3, 4, 5], num_inference_steps=28).images
+
+Why two graphs, ``compute`` and ``predict``, rather than head/body/tail pieces or one graph with an ``If``:
+
+* The runtime (:class:`tcpade_fx.runtime.TCPadeRuntime`) needs exactly these two entry points per step:
+  ``compute(*leaves) -> (*outputs, residual_fp32)`` and ``predict(*leaves, residual) -> outputs``. Exporting
+  them keeps one ORT/TensorRT call per transformer call, with head and tail fused with the body in each file;
+  three pieces would cost three session calls per step and ship the hidden states, the conditioning and every
+  tensor that crosses the split (DiT's adaLN embedding, Flux's RoPE, ...) through host memory between them.
+* The decision (stage, Padé fit, error feedback, per-CFG-branch history) stays in Python, exactly as in the
+  PyTorch runtime: the exported runner reuses :class:`TCPadeRuntime` with these graphs plugged in, so the same
+  policy gives the same schedule, and the graphs hold no state and no branch.
+* A single file with an ONNX ``If`` (``torch.cond``) is not written. The predicted residual is computed in
+  Python anyway, so an ``If`` saves no call; what it would save is the second copy of the head and tail weights
+  (``predict.onnx`` is 0.41 MB next to ``compute.onnx``'s 8.9 MB for the bundled MNIST DiT, i.e. 5 %).
+  Against that, ``torch.cond`` needs identical dense output strides in both branches (the predict branch has no
+  residual output, so the branches would need padding outputs), hits an inductor layout bug on Wan, and has no
+  Torch-TensorRT converter, so the TensorRT route could not share the file.
+
+Shapes: the batch axis (axis 0 of every input whose first size is the example batch) is exported as the symbolic
+dimension ``batch`` when torch.export accepts it; every other axis is static (DiT's unpatchify and the position
+embeddings specialise the token count). Export with a batch of at least 2 (with CFG, one label is enough).
+Non-tensor arguments (``return_dict=False``) are specialised in the graphs; the manifest records their values
+and the runner refuses calls that pass others. The timestep input is named in the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..policy import Policy, resolve_policy
+from ._capture import ExportCapture, TensorOnly, capture_for_export, file_sha256, resize_batch, weights_sha256
+from .manifest import base_manifest, write_manifest
+
+RESIDUAL = "tcpade_residual"
+#: ONNX TensorProto element types → torch dtype names.
+ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+               11: "float64", 16: "bfloat16"}
+
+
+def _dims_spec(cap: ExportCapture, batch_dim, extra_residual: bool):
+    specs = [{0: batch_dim} if i in cap.batch_leaves else None for i in cap.tensor_positions]
+    if extra_residual:
+        specs.append({0: batch_dim} if cap.batch_leaves else None)
+    return (tuple(specs),)
+
+
+def _io(values) -> list[dict]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": ONNX_DTYPES.get(t.elem_type, f"onnx:{t.elem_type}"), "shape": shape})
+    return out
+
+
+def onnx_io(path: Path) -> tuple[list[dict], list[dict], int]:
+    """Inputs, outputs (name, dtype, shape with dim names) and the default-domain opset of an ONNX file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return _io(model.graph.input), _io(model.graph.output), opset
+
+
+def _export_one(cap: ExportCapture, which: str, path: Path, opset: int | None) -> None:
+    from ._capture import _batch_dim
+
+    gm = cap.compute if which == "compute" else cap.predict
+    extra = which == "predict"
+    wrapper = TensorOnly(gm, cap.leaves, cap.tensor_positions, extra=int(extra)).eval()
+    args = tuple(cap.leaves[i] for i in cap.tensor_positions) + ((cap.residual,) if extra else ())
+    input_names = cap.tensor_names + ([RESIDUAL] if extra else [])
+    output_names = cap.output_names + ([RESIDUAL] if not extra else [])
+    batch = _batch_dim()
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" etc.
+    try:
+        with torch.no_grad(), open(os.devnull, "w") as devnull, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraint")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            with contextlib.redirect_stdout(devnull):  # the exporter prints progress lines
+                program = torch.onnx.export(
+                    wrapper, args, dynamo=True, input_names=input_names, output_names=output_names,
+                    dynamic_shapes=_dims_spec(cap, batch, extra) if cap.batch_leaves else None,
+                    opset_version=opset, optimize=True, verbose=False,
+                )
+    finally:
+        registration.setLevel(level)
+    program.save(str(path))
+
+
+def _ort_session(path: Path, threads: int | None = 1, providers=None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def _run(session, names: list[str], tensors) -> list[torch.Tensor]:
+    wanted = {i.name for i in session.get_inputs()}
+    feeds = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, tensors) if n in wanted}
+    return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / (a.norm() + 1e-30))
+
+
+def _check(cap: ExportCapture, folder: Path, tolerance: float) -> dict:
+    """ORT vs PyTorch on the example call and, for a dynamic batch, at batch 1 and batch + 1."""
+    from torch.utils import _pytree as pytree
+
+    compute = _ort_session(folder / "compute.onnx")
+    predict = _ort_session(folder / "predict.onnx")
+    names = cap.tensor_names
+    sizes = [cap.batch_size, 1, cap.batch_size + 1] if cap.batch_leaves else [None]
+    report: dict = {"tolerance": tolerance, "batches": []}
+    module = cap.module
+    for size in sizes:
+        leaves = cap.leaves if size in (None, cap.batch_size) else resize_batch(cap.leaves, cap.batch_leaves, size)
+        _, kwargs = pytree.tree_unflatten(leaves, cap.in_spec)
+        with torch.no_grad():
+            ref = [t for t in pytree.tree_leaves(type(module).forward(module, **kwargs)) if isinstance(t, torch.Tensor)]
+        tensors = [leaves[i] for i in cap.tensor_positions]
+        *outs, residual = _run(compute, names, tensors)
+        pred = _run(predict, names + [RESIDUAL], tensors + [residual])
+        errs = {"compute": max(_rel(r, o) for r, o in zip(ref, outs)),
+                "predict_true_residual": max(_rel(r, p) for r, p in zip(ref, pred))}
+        report["batches"].append({"batch": size, **errs})
+        if not max(errs.values()) <= tolerance:
+            raise RuntimeError(
+                f"the exported ONNX graphs differ from the PyTorch transformer at batch {size}: {errs} (relative, "
+                f"allowed {tolerance:g}); the export in {folder} is not usable"
+            )
+    return report
+
+
+def to_onnx(
+    target,
+    out_dir: str | os.PathLike,
+    example_call=None,
+    policy: Policy | str = "balanced",
+    *,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    check: bool = True,
+    tolerance: float | None = None,
+    block_prefixes: tuple[str, ...] | None = None,
+) -> Path:
+    """Write ``compute.onnx``, ``predict.onnx`` and ``manifest.json`` for a pipeline's transformer (or a bare one).
+
+    Args:
+        target: a diffusers pipeline with a ``.transformer``, or the transformer.
+        out_dir: folder to write (created; existing files of the same names are replaced).
+        example_call: for a pipeline, a dict of pipeline kwargs (it is run until its first transformer call,
+            whose inputs fix the exported shapes); for a transformer, its kwargs or ``(args, kwargs)``. ``None``
+            works for the bundled MNIST pipelines.
+        policy: the TC-Padé policy the runner uses by default (recorded in the manifest; the graphs do not
+            depend on it).
+        dynamic_batch: keep the batch axis symbolic (when torch.export accepts it; the manifest notes otherwise).
+        opset: ONNX opset (default: the exporter's).
+        check: run both graphs in onnxruntime against the PyTorch transformer (example batch, 1, batch + 1).
+        tolerance: relative error allowed by the check (default 1e-4 for float32, 2e-2 otherwise).
+        block_prefixes: names of the block ModuleList(s) when the model is not a known family.
+
+    Returns the folder. Load it with :func:`tcpade_fx.export.load`.
+    """
+    policy = resolve_policy(policy)
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    cap = capture_for_export(target, example_call, dynamic_batch=dynamic_batch, block_prefixes=block_prefixes)
+    manifest = base_manifest(cap, policy, "onnx", weights_sha256(cap.module))
+    opsets = set()
+    for which in ("compute", "predict"):
+        path = folder / f"{which}.onnx"
+        for stale in (path, folder / f"{path.name}.data"):
+            stale.unlink(missing_ok=True)
+        _export_one(cap, which, path, opset)
+        inputs, outputs, found_opset = onnx_io(path)
+        opsets.add(found_opset)
+        entry = {"file": path.name, "sha256": file_sha256(path), "inputs": inputs, "outputs": outputs}
+        data = folder / f"{path.name}.data"
+        if data.exists():
+            entry["external_data"] = {"file": data.name, "sha256": file_sha256(data)}
+        manifest["graphs"][which] = entry
+    manifest["onnx"] = {
+        "opset": sorted(opsets)[0] if len(opsets) == 1 else sorted(opsets),
+        "exporter": "torch.onnx.export(dynamo=True, optimize=True)",
+        "dynamic_axes": {"batch": [0]} if cap.batch_leaves else {},
+    }
+    if check:
+        dtype = cap.residual.dtype if not cap.tensor_positions else cap.leaves[cap.tensor_positions[0]].dtype
+        tol = tolerance if tolerance is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+        manifest["verification"] = _check(cap, folder, tol)
+    write_manifest(folder, manifest)
+    return folder

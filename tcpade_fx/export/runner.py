@@ -1,0 +1,198 @@
+"""Run an export folder: the TC-Padé controller in Python, the two graphs in onnxruntime or TensorRT.
+
+    runner = tcpade_fx.export.load("dit-onnx")               # checks manifest, hashes, declared inputs
+    runner.install(pipe)                                      # pipe.transformer.forward -> this runner
+    images = pipe([3, 4, 5], num_inference_steps=28).images
+    print(pipe.tcpade.stats)                                  # the same stats as tcpade_fx.compile
+    tcpade_fx.disable(pipe)
+
+The stepping logic is :class:`tcpade_fx.runtime.TCPadeRuntime` itself, given the exported graphs through its
+``graph_source`` hook: identical decisions, per-CFG-branch histories and stats, and no second controller to
+keep in sync. Nothing from the folder is unpickled: it holds the graph files and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..policy import Policy
+from ..runtime import TCPadeRuntime, _Graphs
+from .manifest import (
+    ManifestMismatchError,
+    check_call,
+    check_graph_file,
+    compare_io,
+    read_manifest,
+    resolve_load_policy,
+)
+
+
+class OnnxGraph:
+    """One ONNX graph as the runtime calls it: ``graph(*call_leaves[, residual]) -> tuple of tensors``."""
+
+    def __init__(self, path: Path, input_names: list[str], tensor_positions: list[int], num_leaves: int,
+                 threads: int | None = None, providers=None, session_options=None):
+        import onnxruntime as ort
+
+        options = session_options or ort.SessionOptions()
+        if threads and session_options is None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        present = {i.name for i in self.session.get_inputs()}
+        self._inputs = [(name, pos) for name, pos in zip(input_names, tensor_positions) if name in present]
+        self._extra = [name for name in input_names[len(tensor_positions):] if name in present]
+        self._num_leaves = num_leaves
+
+    def __call__(self, *args):
+        leaves, extra = args[: self._num_leaves], args[self._num_leaves:]
+        device = next((x.device for x in args if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        feeds = {name: leaves[pos].detach().cpu().contiguous().numpy() for name, pos in self._inputs}
+        feeds.update({name: t.detach().cpu().contiguous().numpy() for name, t in zip(self._extra, extra)})
+        outs = self.session.run(None, feeds)
+        return tuple(torch.from_numpy(o).to(device) for o in outs)
+
+
+class ExportedTCPade:
+    """An export folder, checked and ready to drive a transformer. Create with :func:`load`."""
+
+    def __init__(self, folder: Path, manifest: dict, policy: Policy, compute: Callable, predict: Callable):
+        self.folder = folder
+        self.manifest = manifest
+        self.policy = policy
+        self.compute = compute
+        self.predict = predict
+        call = manifest["call"]
+        self.in_spec = pytree.treespec_loads(json.dumps(call["in_spec"]))
+        self.out_spec = pytree.treespec_loads(json.dumps(call["out_spec"]))
+        self.timestep_position = int(call["timestep_leaf"])
+
+    @property
+    def backend(self) -> str:
+        return self.manifest["backend"]
+
+    def graphs_for(self, kwargs: dict) -> _Graphs:
+        """The runtime's ``graph_source``: check a new call signature against the manifest, return the graphs."""
+        from ..passes import BlockStackPlan, flatten_call
+
+        leaves, spec = flatten_call((), kwargs, self.in_spec)
+        check_call(self.manifest, leaves, spec)
+        stack = self.manifest["block_stack"]
+        plan = BlockStackPlan(
+            prefixes=tuple(stack["prefixes"]), num_blocks=stack["num_blocks"], body_nodes=frozenset(),
+            body_input=stack["body_input"], body_output=stack["body_output"],
+        )
+        return _Graphs(plan=plan, compute=self.compute, predict=self.predict, out_spec=self.out_spec,
+                       in_spec=self.in_spec, timestep_position=self.timestep_position)
+
+    def runtime(self, module: torch.nn.Module) -> TCPadeRuntime:
+        """A :class:`TCPadeRuntime` for ``module`` (used for its forward signature) that runs these graphs."""
+        return TCPadeRuntime(module, self.policy, "eager", verify=False, graph_source=self.graphs_for)
+
+    def install(self, target, *, check_weights: bool = True):
+        """Make ``target`` (pipeline or transformer) sample through these graphs; returns it, like
+        :func:`tcpade_fx.compile` (undo with :func:`tcpade_fx.disable`).
+
+        With ``check_weights`` the transformer's state_dict hash must be the exported one (the graphs carry
+        their own weights; a different transformer would mean the pipeline and the export disagree).
+        """
+        from ..api import _pipeline_class_with_reset, _transformer_of, disable
+        from ._capture import weights_sha256
+
+        transformer = _transformer_of(target)
+        model_class = f"{type(transformer).__module__}.{type(transformer).__name__}"
+        if model_class != self.manifest["model_class"]:
+            raise ManifestMismatchError(
+                f"the export is of a {self.manifest['model_class']}, the target's transformer is a {model_class}"
+            )
+        if check_weights:
+            if getattr(transformer, "tcpade", None) is not None:
+                disable(target)
+            digest = weights_sha256(transformer)
+            if digest != self.manifest["weights_sha256"]:
+                raise ManifestMismatchError(
+                    f"the transformer's weights (sha256 {digest[:16]}…) are not those exported "
+                    f"({self.manifest['weights_sha256'][:16]}…); pass check_weights=False to run the exported "
+                    "graphs regardless"
+                )
+        if getattr(transformer, "tcpade", None) is not None:
+            disable(target)
+        runtime = self.runtime(transformer)
+        transformer.forward = runtime
+        transformer.tcpade = runtime
+        if target is not transformer:
+            target.tcpade = runtime
+            cls = type(target)
+            if not hasattr(cls, "_tcpade_base_class"):
+                target.__class__ = _pipeline_class_with_reset(cls)
+        return target
+
+    def __repr__(self) -> str:
+        return (f"ExportedTCPade({str(self.folder)!r}, backend={self.backend!r}, policy={self.policy.name!r}, "
+                f"model={self.manifest['model_class'].rsplit('.', 1)[-1]})")
+
+
+def _graph_inputs(manifest: dict, which: str) -> tuple[list[str], list[int]]:
+    tensors = [e for e in manifest["call"]["leaves"] if e["kind"] == "tensor"]
+    names = [e["name"] for e in tensors] + (["tcpade_residual"] if which == "predict" else [])
+    return names, [e["index"] for e in tensors]
+
+
+def load(
+    out_dir: str | os.PathLike,
+    *,
+    policy: Policy | str | None = None,
+    allow_policy_change: bool = False,
+    threads: int | None = None,
+    providers: list | None = None,
+    session_options=None,
+) -> ExportedTCPade:
+    """Open an export folder written by :func:`to_onnx` or :func:`to_tensorrt`.
+
+    Refuses (:class:`ManifestMismatchError`, saying what differs) a folder written by another library version,
+    a manifest whose policy fields do not match this library's Policy, a ``policy`` that differs from the
+    exported one (unless ``allow_policy_change``: the graphs do not depend on it), a graph file whose sha256 or
+    declared inputs/outputs differ from the manifest. Calls whose inputs do not match the exported shapes,
+    dtypes or constants are refused when they reach the runner.
+
+    Args:
+        policy: expected (or, with ``allow_policy_change``, replacement) policy; default: the exported one.
+        threads: onnxruntime intra-op threads (None: onnxruntime's default).
+        providers: onnxruntime execution providers (default CPU).
+        session_options: an ``onnxruntime.SessionOptions`` to use as is.
+    """
+    folder = Path(out_dir)
+    manifest = read_manifest(folder)
+    chosen = resolve_load_policy(manifest, policy, allow_policy_change)
+    graphs = manifest.get("graphs", {})
+    if set(graphs) != {"compute", "predict"}:
+        raise ManifestMismatchError(f"manifest lists graphs {sorted(graphs)}; expected compute and predict")
+    backend = manifest["backend"]
+    num_leaves = len(manifest["call"]["leaves"])
+    built = {}
+    for which in ("compute", "predict"):
+        entry = graphs[which]
+        path = check_graph_file(folder, which, entry)
+        if "external_data" in entry:
+            check_graph_file(folder, f"{which} external data", entry["external_data"])
+        names, positions = _graph_inputs(manifest, which)
+        if backend == "onnx":
+            from .onnx import onnx_io
+
+            inputs, outputs, _ = onnx_io(path)
+            compare_io(which, entry["inputs"], inputs, "inputs")
+            compare_io(which, entry["outputs"], outputs, "outputs")
+            built[which] = OnnxGraph(path, names, positions, num_leaves, threads, providers, session_options)
+        elif backend == "tensorrt":
+            from .tensorrt import TensorRTEngineGraph
+
+            built[which] = TensorRTEngineGraph(path, entry, num_leaves)
+        else:
+            raise ManifestMismatchError(f"manifest backend {backend!r} is not one of 'onnx', 'tensorrt'")
+    return ExportedTCPade(folder, manifest, chosen, built["compute"], built["predict"])

@@ -1,0 +1,332 @@
+"""TensorRT: the ``backend="tensorrt"`` compiler of the runtime, and engine export with the ONNX manifest.
+
+Two uses, one engine per graph (``compute`` and ``predict``), the decision staying in Python:
+
+* ``tcpade_fx.compile(pipe, backend="tensorrt")`` calls :func:`compile_graph_tensorrt` for each graph: at its first
+  call the graph is exported (``torch.export``, tensor inputs only, constants baked in) and compiled with
+  ``torch_tensorrt.dynamo.compile(exported_program, arg_inputs=[...])`` on the call's inputs (static shapes; the
+  runtime builds graphs per input signature anyway).
+* :func:`to_tensorrt` writes ``compute.engine``, ``predict.engine`` (raw serialized engines from
+  ``torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine``, dynamic batch through
+  ``torch_tensorrt.Input(min_shape, opt_shape, max_shape)``) and the same ``manifest.json`` as
+  :func:`tcpade_fx.export.to_onnx`. :func:`tcpade_fx.export.load` opens it and runs the engines with the
+  ``tensorrt`` Python runtime (``deserialize_cuda_engine`` + ``execute_async_v3`` on torch CUDA tensors). Raw
+  engines rather than ``torch_tensorrt.save``: the ``.ep`` format stores pickled pieces and needs Torch-TensorRT's
+  C++ runtime to load; an engine file is plain TensorRT and nothing in the folder is unpickled.
+
+Alternative without Torch-TensorRT (build the engines from the ONNX export with ``trtexec``)::
+
+    tcpade_fx.export.to_onnx(pipe, "dit-onnx")
+    trtexec --onnx=dit-onnx/compute.onnx --saveEngine=compute.engine \\
+        --minShapes=hidden_states:1x1x28x28,timestep:1,class_labels:1 \\
+        --optShapes=hidden_states:4x1x28x28,timestep:4,class_labels:4 \\
+        --maxShapes=hidden_states:64x1x28x28,timestep:64,class_labels:64
+    trtexec --onnx=dit-onnx/predict.onnx --saveEngine=predict.engine  (same shapes, plus
+        tcpade_residual:1x49x128 / 4x49x128 / 64x49x128)
+
+(input names and shapes are in ``manifest.json``). Such engines suit a C++ or Triton deployment that
+re-implements the controller; in Python the simplest equivalent is onnxruntime's TensorRT execution provider on
+the ONNX export: ``tcpade_fx.export.load("dit-onnx", providers=["TensorrtExecutionProvider",
+"CUDAExecutionProvider"])``.
+
+Requirements: an NVIDIA GPU, a CUDA build of torch, and ``pip install "torch-tensorrt==<torch major.minor>.*"``
+(each Torch-TensorRT release pins one torch minor version; it pulls ``tensorrt-cu13*`` from pypi.nvidia.com).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..policy import Policy, resolve_policy
+from ._capture import ExportCapture, TensorOnly, capture_for_export, file_sha256, weights_sha256
+from .manifest import ManifestMismatchError, base_manifest, dtype_name, write_manifest
+
+RESIDUAL = "tcpade_residual"
+
+
+class TensorRTUnavailableError(RuntimeError):
+    """torch_tensorrt, tensorrt or CUDA is missing; the message says what to install."""
+
+
+def _install_hint() -> str:
+    major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    return (
+        "TensorRT needs an NVIDIA GPU with its driver, a CUDA build of torch (e.g. `pip install "
+        f"torch=={torch.__version__.split('+')[0]} --index-url https://download.pytorch.org/whl/cu130`) and "
+        f'Torch-TensorRT for that torch: `pip install "torch-tensorrt=={major_minor}.*"` (it brings tensorrt-cu13 '
+        "from https://pypi.nvidia.com). Without them, export ONNX instead (tcpade_fx.export.to_onnx) and run it "
+        "with onnxruntime, or build engines from the ONNX files with trtexec."
+    )
+
+
+def require_tensorrt():
+    """Return the ``torch_tensorrt`` module, or raise :class:`TensorRTUnavailableError` saying what is missing."""
+    missing = []
+    torch_tensorrt = None
+    try:
+        import torch_tensorrt  # noqa: F811
+    except Exception as exc:  # ImportError, or a broken install raising OSError on its shared libraries
+        missing.append(f"torch_tensorrt is not importable ({type(exc).__name__}: {exc})")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        missing.append(f"CUDA is not available (torch {torch.__version__} is {build}, or no GPU is visible)")
+    if missing:
+        raise TensorRTUnavailableError("TensorRT backend unavailable: " + "; ".join(missing) + ". " + _install_hint())
+    return torch_tensorrt
+
+
+def _tensor_positions(args) -> list[int]:
+    return [i for i, x in enumerate(args) if isinstance(x, torch.Tensor)]
+
+
+def compile_graph_tensorrt(gm: torch.fx.GraphModule, name: str, stats=None, **settings) -> Callable:
+    """The runtime's ``backend="tensorrt"`` compiler: a callable ``(*args) -> tuple`` that compiles ``gm`` with
+    Torch-TensorRT at its first call (on that call's inputs) and counts the compile in ``stats.compiles[name]``.
+
+    ``settings`` go to ``torch_tensorrt.dynamo.compile`` (e.g. ``enabled_precisions={torch.float16}``,
+    ``require_full_compilation=True``).
+    """
+    torch_tensorrt = require_tensorrt()
+    state: dict[str, Any] = {}
+
+    def run(*args):
+        positions = _tensor_positions(args)
+        tensors = [args[i] for i in positions]
+        if "compiled" not in state:
+            wrapper = TensorOnly(gm, list(args), positions).eval()
+            with torch.no_grad():
+                ep = torch.export.export(wrapper, tuple(tensors), strict=False)
+                state["compiled"] = torch_tensorrt.dynamo.compile(ep, arg_inputs=tensors, **settings)
+            if stats is not None:
+                stats.compiles[name] = stats.compiles.get(name, 0) + 1
+        out = state["compiled"](*tensors)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    return run
+
+
+# -- export -------------------------------------------------------------------------------------------------
+@dataclass
+class PreparedGraph:
+    """One graph ready for the TensorRT converter: its ExportedProgram and the min/opt/max input shapes."""
+
+    name: str
+    exported: torch.export.ExportedProgram
+    input_names: list[str]
+    shapes: list[dict]  # per tensor input: {"min": [...], "opt": [...], "max": [...], "dtype": torch dtype}
+    output_names: list[str]
+
+
+def prepare_tensorrt_export(
+    cap: ExportCapture, min_batch: int = 1, opt_batch: int | None = None, max_batch: int | None = None
+) -> dict[str, PreparedGraph]:
+    """The torch side of :func:`to_tensorrt` (no TensorRT needed): export each graph's tensor-only wrapper with
+    the batch axis symbolic in ``[min_batch, max_batch]`` and derive the ``torch_tensorrt.Input`` ranges."""
+    batch = cap.batch_size
+    if cap.batch_leaves:
+        opt_batch = opt_batch or batch
+        max_batch = max_batch or max(opt_batch, 2 * batch)
+        if not min_batch <= opt_batch <= max_batch:
+            raise ValueError(f"need min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
+        dim = torch.export.Dim("batch", min=min_batch, max=max_batch)
+    prepared = {}
+    for which in ("compute", "predict"):
+        extra = which == "predict"
+        gm = cap.predict if extra else cap.compute
+        wrapper = TensorOnly(gm, cap.leaves, cap.tensor_positions, extra=int(extra)).eval()
+        args = [cap.leaves[i] for i in cap.tensor_positions] + ([cap.residual] if extra else [])
+        batched = [i in cap.batch_leaves for i in cap.tensor_positions] + ([bool(cap.batch_leaves)] if extra else [])
+        dynamic = (tuple({0: dim} if b else None for b in batched),) if cap.batch_leaves else None
+        with torch.no_grad():
+            ep = torch.export.export(wrapper, tuple(args), strict=False, dynamic_shapes=dynamic)
+        shapes = []
+        for t, b in zip(args, batched):
+            s = list(t.shape)
+            shapes.append({
+                "min": [min_batch, *s[1:]] if b else s, "opt": [opt_batch, *s[1:]] if b else s,
+                "max": [max_batch, *s[1:]] if b else s, "dtype": t.dtype,
+            })
+        prepared[which] = PreparedGraph(
+            name=which, exported=ep, shapes=shapes,
+            input_names=cap.tensor_names + ([RESIDUAL] if extra else []),
+            output_names=cap.output_names + ([] if extra else [RESIDUAL]),
+        )
+    return prepared
+
+
+_TRT_TO_TORCH = {
+    "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+    "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8,
+}
+
+
+def _torch_dtype(trt_dtype) -> torch.dtype:
+    name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1]
+    if name not in _TRT_TO_TORCH:
+        raise ManifestMismatchError(f"TensorRT tensor type {name} has no torch equivalent here")
+    return _TRT_TO_TORCH[name]
+
+
+def _engine_io(engine) -> tuple[list[dict], list[dict]]:
+    import tensorrt as trt
+
+    inputs, outputs = [], []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        shape = [int(d) if int(d) >= 0 else "batch" for d in engine.get_tensor_shape(name)]
+        entry = {"name": name, "dtype": dtype_name(_torch_dtype(engine.get_tensor_dtype(name))), "shape": shape}
+        (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(entry)
+    return inputs, outputs
+
+
+def _deserialize(data: bytes):
+    import tensorrt as trt
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise ManifestMismatchError(
+            "TensorRT could not deserialize the engine: it was built for another TensorRT version or GPU "
+            "(engines are not portable); rebuild it on this machine with to_tensorrt"
+        )
+    return runtime, engine
+
+
+def to_tensorrt(
+    target,
+    out_dir: str | os.PathLike,
+    example_call=None,
+    policy: Policy | str = "balanced",
+    *,
+    dynamic_batch: bool = True,
+    min_batch: int = 1,
+    opt_batch: int | None = None,
+    max_batch: int | None = None,
+    check: bool = True,
+    tolerance: float | None = None,
+    block_prefixes: tuple[str, ...] | None = None,
+    **settings,
+) -> Path:
+    """Write ``compute.engine``, ``predict.engine`` and ``manifest.json`` (same manifest as :func:`to_onnx`,
+    ``backend: "tensorrt"``). The pipeline must already be on the CUDA device the engines are built for.
+
+    ``settings`` go to ``convert_exported_program_to_serialized_trt_engine`` (e.g.
+    ``enabled_precisions={torch.float16}``, ``workspace_size``). ``max_batch`` defaults to twice the example
+    batch. Engines are specific to the GPU model and TensorRT version; the manifest records both.
+    """
+    torch_tensorrt = require_tensorrt()
+    import tensorrt as trt
+
+    policy = resolve_policy(policy)
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    cap = capture_for_export(target, example_call, dynamic_batch=dynamic_batch, block_prefixes=block_prefixes)
+    _require_cuda_inputs(cap)
+    prepared = prepare_tensorrt_export(cap, min_batch, opt_batch, max_batch)
+    manifest = base_manifest(cap, policy, "tensorrt", weights_sha256(cap.module))
+    for which, prep in prepared.items():
+        inputs = [
+            torch_tensorrt.Input(min_shape=s["min"], opt_shape=s["opt"], max_shape=s["max"], dtype=s["dtype"])
+            if s["min"] != s["max"] else torch_tensorrt.Input(shape=s["opt"], dtype=s["dtype"])
+            for s in prep.shapes
+        ]
+        engine_bytes = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
+            prep.exported, arg_inputs=inputs, **settings
+        )
+        path = folder / f"{which}.engine"
+        path.write_bytes(bytes(engine_bytes))
+        _, engine = _deserialize(path.read_bytes())
+        engine_inputs, engine_outputs = _engine_io(engine)
+        user_inputs = list(prep.exported.graph_signature.user_inputs)
+        positions = {n: k for k, n in enumerate(user_inputs)}
+        missing = [e["name"] for e in engine_inputs if e["name"] not in positions]
+        if missing:
+            raise RuntimeError(f"{which}.engine has inputs {missing} that are not graph inputs {user_inputs}")
+        manifest["graphs"][which] = {
+            "file": path.name, "sha256": file_sha256(path),
+            "inputs": [{**e, "position": positions[e["name"]], "as": prep.input_names[positions[e["name"]]]}
+                       for e in engine_inputs],
+            "outputs": [{**e, "as": n} for e, n in zip(engine_outputs, prep.output_names)],
+            "shape_ranges": {n: {k: s[k] for k in ("min", "opt", "max")} for n, s in zip(prep.input_names, prep.shapes)},
+        }
+    manifest["tensorrt"] = {
+        "torch_tensorrt_version": getattr(torch_tensorrt, "__version__", "?"),
+        "tensorrt_version": trt.__version__,
+        "device": torch.cuda.get_device_name(),
+        "compute_capability": list(torch.cuda.get_device_capability()),
+        "batch_range": [min_batch, opt_batch or cap.batch_size, max_batch] if cap.batch_leaves else None,
+        "settings": {k: repr(v) for k, v in settings.items()},
+    }
+    write_manifest(folder, manifest)
+    if check:
+        _check_engines(cap, folder, manifest, tolerance)
+    return folder
+
+
+def _require_cuda_inputs(cap: ExportCapture) -> None:
+    devices = {x.device.type for x in cap.leaves if isinstance(x, torch.Tensor)}
+    if devices != {"cuda"}:
+        raise ValueError(f"move the pipeline to CUDA before to_tensorrt (its transformer ran on {sorted(devices)})")
+
+
+def _check_engines(cap: ExportCapture, folder: Path, manifest: dict, tolerance: float | None) -> None:
+    from torch.utils import _pytree as pytree
+
+    tol = tolerance if tolerance is not None else 1e-2  # TF32 and tactic choice: looser than ORT on CPU
+    graphs = {w: TensorRTEngineGraph(folder / f"{w}.engine", manifest["graphs"][w], len(cap.leaves))
+              for w in ("compute", "predict")}
+    with torch.no_grad():
+        _, kwargs = pytree.tree_unflatten(cap.leaves, cap.in_spec)
+        ref = [t for t in pytree.tree_leaves(type(cap.module).forward(cap.module, **kwargs))
+               if isinstance(t, torch.Tensor)]
+        *outs, residual = graphs["compute"](*cap.leaves)
+        pred = graphs["predict"](*cap.leaves, residual)
+    errs = [float((r.double() - o.double()).norm() / (r.double().norm() + 1e-30)) for r, o in zip(ref, [*outs, *pred])]
+    if not max(errs) <= tol:
+        raise RuntimeError(f"the TensorRT engines differ from the PyTorch transformer by {errs} (allowed {tol:g})")
+
+
+class TensorRTEngineGraph:
+    """One raw TensorRT engine as the runtime calls it: ``graph(*call_leaves[, residual]) -> tuple``."""
+
+    def __init__(self, path: Path, entry: dict, num_leaves: int, input_names=None, tensor_positions=None):
+        require_tensorrt()
+        self.runtime, self.engine = _deserialize(Path(path).read_bytes())
+        found_in, found_out = _engine_io(self.engine)
+        declared_in = [{k: e[k] for k in ("name", "dtype", "shape")} for e in entry["inputs"]]
+        declared_out = [{k: e[k] for k in ("name", "dtype", "shape")} for e in entry["outputs"]]
+        from .manifest import compare_io
+
+        compare_io(Path(path).stem, declared_in, found_in, "inputs")
+        compare_io(Path(path).stem, declared_out, found_out, "outputs")
+        self.context = self.engine.create_execution_context()
+        self._num_leaves = num_leaves
+        self._inputs = [(e["name"], int(e["position"]), _TRT_TO_TORCH_NAME[e["dtype"]]) for e in entry["inputs"]]
+        self._outputs = [(e["name"], _TRT_TO_TORCH_NAME[e["dtype"]]) for e in entry["outputs"]]
+        self._tensor_positions = tensor_positions
+
+    def __call__(self, *args):
+        leaves, extra = args[: self._num_leaves], list(args[self._num_leaves:])
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)] + extra
+        keep = []
+        for name, pos, dtype in self._inputs:
+            t = tensors[pos].to(device="cuda", dtype=dtype).contiguous()
+            keep.append(t)
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        outs = []
+        for name, dtype in self._outputs:
+            o = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, o.data_ptr())
+            outs.append(o)
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        return tuple(outs)
+
+
+_TRT_TO_TORCH_NAME = {dtype_name(v): v for v in _TRT_TO_TORCH.values()}
