@@ -117,23 +117,30 @@ def fit_denominator(
     tau = t - t[-1]
     tau_star = torch.as_tensor(target, dtype=torch.float32, device=device).reshape(()) - t[-1]
     h = _node_scale(tau, tau_star)
-    b_hat = _fit_normalised(tau / h, [_flatten(r, per_sample) for r in residuals], tau_star / h, eps, pole_margin)
+    b_hat = _fit_normalised(tau / h, _stack(residuals, per_sample), tau_star / h, eps, pole_margin)
     return b_hat / h
 
 
-def _fit_normalised(u: Tensor, flats: list[Tensor], u_star: Tensor, eps: float, pole_margin: float) -> Tensor:
-    scale = torch.stack([f.abs().amax(dim=1) for f in flats]).amax(dim=0)  # per sample
+def _stack(residuals: Sequence[Tensor], per_sample: bool) -> Tensor:
+    """(n, B, F) float32 view of the history (one copy)."""
+    return torch.stack([_flatten(r, per_sample) for r in residuals])
+
+
+def _fit_normalised(u: Tensor, stacked: Tensor, u_star: Tensor, eps: float, pole_margin: float) -> Tensor:
+    n, batch, _ = stacked.shape
+    scale = torch.linalg.vector_norm(stacked, ord=float("inf"), dim=(0, 2))  # per sample, one pass
     inv = 1.0 / torch.clamp(scale, min=_TINY)
     w = _divided_difference_weights(u)
-    d_r = sum(w[j] * flats[j] for j in range(len(flats))) * inv[:, None]
-    d_ur = sum((w[j] * u[j]) * flats[j] for j in range(len(flats))) * inv[:, None]
-    num = (d_r * d_ur).sum(dim=1)
-    energy = (d_ur * d_ur).sum(dim=1)
+    weights = torch.stack([w, w * u])  # D[R] and D[τR] in one matmul over the history
+    d = (weights @ stacked.reshape(n, -1)).reshape(2, batch, -1) * inv[None, :, None]
+    d_r, d_ur = d[0], d[1]
+    num = torch.linalg.vecdot(d_r, d_ur, dim=1)
+    energy = torch.linalg.vecdot(d_ur, d_ur, dim=1)
     b = -num / (energy + eps)
     # D[τR] at float32 rounding level (each of its elements sums n terms of magnitude <= 1, so rounding leaves up to
     # ~n ulps): b is not identifiable from the data (exact arithmetic gives ±∞ or 0/0) and -num/(energy + eps) is
     # rounding noise over eps, which can land anywhere, inside the pole guard's range too.
-    noise = d_ur.shape[1] * (_ROUNDING_ULPS * len(flats) * torch.finfo(torch.float32).eps) ** 2
+    noise = d_ur.shape[1] * (_ROUNDING_ULPS * n * torch.finfo(torch.float32).eps) ** 2
     # 1 + b·u is linear: its minimum over the hull of the nodes and the target is at one of its ends. Diffusion
     # times decrease (u_j ≥ 0 ≥ u*), so the oldest node u.amax() is an end as much as u.amin() and u*.
     lowest = torch.minimum(torch.minimum(1.0 + b * u.amin(), 1.0 + b * u.amax()), 1.0 + b * u_star)
@@ -174,39 +181,51 @@ def extrapolate(
         raise ValueError(f"got {len(times)} times for {len(residuals)} residuals")
     last = residuals[-1]
     out_dtype = last.dtype
-    l_eff = effective_order(method, order, len(residuals))
+    method, l_eff = _resolve(method, order, len(residuals))
     n_fit = needed_nodes(method, l_eff) if l_eff >= 0 else 1
     if n_fit == 1:  # reuse, and Taylor-0 (which is reuse): exact, in the input dtype (no float32 round trip)
         return last.clone()
-    rs = list(residuals[-n_fit:])
     device = last.device
     t = _as_times(times, device)[-n_fit:]
     tau = t - t[-1]
     tau_star = torch.as_tensor(target, dtype=torch.float32, device=device).reshape(()) - t[-1]
     h = _node_scale(tau, tau_star)
     u, u_star = tau / h, tau_star / h
-    flats = [_flatten(r, per_sample) for r in rs]
-    n_batch = flats[0].shape[0]
+    stacked = _stack(residuals[-n_fit:], per_sample)
+    n_batch = stacked.shape[1]
 
     if method == "pade":
-        b = _fit_normalised(u, flats, u_star, eps, pole_margin)
+        b = _fit_normalised(u, stacked, u_star, eps, pole_margin)
     else:
         b = torch.zeros(n_batch, dtype=torch.float32, device=device)
 
     u_lag = u[-(l_eff + 1):]
     ell = _lagrange_weights(u_lag, u_star)  # (L+1,)
     coeff = ell[None, :] * (1.0 + b[:, None] * u_lag[None, :]) / (1.0 + b[:, None] * u_star)  # (B, L+1)
-    flats_lag = flats[-(l_eff + 1):]
-    pred = sum(coeff[:, j:j + 1] * flats_lag[j] for j in range(l_eff + 1))
-    last_flat = flats[-1]
-    pred = torch.where(_nodes_distinct(u), pred, last_flat)
+    # the safeguards and the damping act on the coefficients, not on the tensors: R̃ = Σ c_j R_j in one pass
+    reuse = torch.zeros_like(coeff)
+    reuse[:, -1] = 1.0
+    coeff = torch.where(_nodes_distinct(u), coeff, reuse)
     lam = torch.as_tensor(damping, dtype=torch.float32, device=device)
-    pred = last_flat + lam * (pred - last_flat)
-    pred = torch.nan_to_num(pred, nan=0.0)
+    coeff = lam * coeff + (1.0 - lam) * reuse
+    lag = stacked[-(l_eff + 1):]
+    pred = coeff[:, :1] * lag[0]
+    for j in range(1, l_eff + 1):
+        pred = pred + coeff[:, j:j + 1] * lag[j]
     if out_dtype.is_floating_point:
         fmax = min(torch.finfo(out_dtype).max, torch.finfo(pred.dtype).max)  # float64 out: float32's range
         pred = pred.clamp(-fmax, fmax)
+    pred = torch.nan_to_num(pred, nan=0.0)
     return pred.reshape(last.shape).to(out_dtype)
+
+
+def _resolve(method: str, order: int, available: int) -> tuple[str, int]:
+    """Method and order actually used. With two points Padé would be [0/1], about as poor as reuse (NUMERIC_STUDY):
+    Taylor-1 on the same two nodes is used instead."""
+    l_eff = effective_order(method, order, available)
+    if method == "pade" and available == 2 and order >= 1:
+        return "taylor", 1
+    return method, l_eff
 
 
 def relative_error(actual: Tensor, predicted: Tensor, *, per_sample: bool = True, eps: float = 1e-12) -> Tensor:

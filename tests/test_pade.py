@@ -182,7 +182,11 @@ def test_short_history_uses_the_highest_order_it_allows(data, order, have):
             continue
         lower = have - (2 if method == "pade" else 1)
         a = extrapolate(times, hist, target, method=method, order=order)
-        b = extrapolate(times, hist, target, method=method, order=lower)
+        if method == "pade" and have == 2:
+            # two points: [0/1] is about as poor as reuse (NUMERIC_STUDY), Taylor-1 on the same nodes is used
+            b = extrapolate(times, hist, target, method="taylor", order=1)
+        else:
+            b = extrapolate(times, hist, target, method=method, order=lower)
         assert torch.equal(a, b), (method, order, have)
 
 
