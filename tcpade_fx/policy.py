@@ -171,7 +171,7 @@ PRESETS: dict[str, Policy] = {
     ),
     "balanced": Policy(name="balanced", compute_budget=0.40),
     "fast": Policy(
-        name="fast", early_end=0.08, mid_tolerance=0.15, late_tolerance=0.05, mid_max_skip=5, late_max_skip=2,
+        name="fast", early_end=0.1, mid_tolerance=0.15, late_tolerance=0.05, mid_max_skip=4, late_max_skip=2,
         compute_budget=0.28,
     ),
     "full": Policy(name="full", mid_max_skip=0, late_max_skip=0),
