@@ -292,8 +292,9 @@ class TCPadeRuntime:
                     "treated as a new trajectory, histories reset"
                 )
                 self.reset()
-                if not self._announced:
-                    self._num_steps = None
+                # begin() clears _last_time, so this trajectory was not announced: an earlier num_steps is stale
+                self._num_steps = None
+                self._announced = False
             self._step += 1
             self._branch = 0
             self._last_time = time

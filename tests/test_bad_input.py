@@ -203,3 +203,16 @@ def test_a_nan_residual_clears_the_history_and_is_reported():
     assert all(torch.isfinite(r).all() for b in runtime._branches.values() for r in b.residuals)
     # predictions resume once the history has refilled
     assert any(not r.computed for r in stats.records[k + 1:])
+
+
+def test_an_unannounced_trajectory_after_begin_forgets_the_announced_step_count():
+    model, kw = tiny_dit()
+    tcpade_fx.compile(model, policy="balanced")
+    model.tcpade.begin(num_steps=12)
+    for t in torch.linspace(999, 1, 12):
+        model(**{**kw, "timestep": torch.full_like(kw["timestep"], float(t))})
+    assert model.tcpade._branches[0].controller.num_steps == 12
+    for t in torch.linspace(999, 1, 5):  # a new loop, no begin(): the 12 no longer applies
+        model(**{**kw, "timestep": torch.full_like(kw["timestep"], float(t))})
+    assert any("timestep went up" in n for n in model.tcpade.stats.notes)
+    assert model.tcpade._branches[0].controller.num_steps is None
