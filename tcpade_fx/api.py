@@ -113,9 +113,15 @@ def compile(
             "would skip work on each other's predictions; disable it first (transformer.disable_cache() or "
             "diffusers.hooks.HookRegistry.remove_hook) and call tcpade_fx.compile again."
         )
+    return install(target, TCPadeRuntime(transformer, policy, backend, verify=verify, block_prefixes=block_prefixes))
+
+
+def install(target: T, runtime: TCPadeRuntime) -> T:
+    """Put ``runtime`` in place of the transformer's forward (replacing an earlier one) and, for a pipeline, make
+    each pipeline call start a new trajectory. Used by :func:`compile` and by the exported-graph runners."""
+    transformer = _transformer_of(target)
     if getattr(transformer, "tcpade", None) is not None:
         disable(target)
-    runtime = TCPadeRuntime(transformer, policy, backend, verify=verify, block_prefixes=block_prefixes)
     transformer.forward = runtime
     transformer.tcpade = runtime
     if target is not transformer:
