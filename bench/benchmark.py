@@ -186,9 +186,15 @@ def fixed_interval_for(steps: int, computed: int, early: int) -> int:
     return best
 
 
-def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bool) -> None:
+def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bool, peers_only: bool = False) -> None:
     b = bench
     for n in steps_list:
+        if peers_only:
+            from peers import peer_rows  # bench/peers.py
+
+            for label, family, make, extra in peer_rows(b, n):
+                b.row(n, label, family, make, extra=extra)
+            continue
         b.row(n, "full (Euler)", "full", lambda: b.pipe(euler()))
         b.row(n, "full (UniPC)", "full", lambda: b.pipe(unipc()), full_of=("unipc", lambda: b.pipe(unipc())))
         for preset in presets:
@@ -231,6 +237,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--peers-only", action="store_true", help="run only the peer rows (e.g. beside a --no-peers run)")
     ap.add_argument("--results", default=str(RESULTS), help="folder of the resumable JSONL results")
     args = ap.parse_args()
     RESULTS = Path(args.results)
@@ -240,7 +247,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     for model in args.models:
         bench = Bench(model, args.samples, args.timing_samples, args.repeats, args.batch)
-        run_model(bench, args.steps, args.presets, not args.no_peers)
+        run_model(bench, args.steps, args.presets, not args.no_peers, args.peers_only)
 
 
 if __name__ == "__main__":
