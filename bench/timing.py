@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--match", default=r"TC-Padé|fewer steps", help="regex on the row labels to re-time")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = Path(args.results)
@@ -66,7 +67,8 @@ def main() -> None:
         rows = [json.loads(x) for x in (results / f"{model}.jsonl").read_text().splitlines() if x.strip()]
         out = results / f"timing-{model}.jsonl"
         for row in rows:
-            if row["steps"] not in args.steps or (conf := configuration(row)) is None:
+            if (row["steps"] not in args.steps or not re.search(args.match, row["label"])
+                    or (conf := configuration(row)) is None):
                 continue
             make_scheduler, policy, steps = conf
             full = models.load(model)
