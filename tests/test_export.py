@@ -87,6 +87,22 @@ def test_manifest_describes_the_call(exported, pipe):
     assert [b["batch"] for b in m["verification"]["batches"]] == [4, 1, 5]
 
 
+def test_dit_token_axes_are_static_with_a_reason(exported):
+    """mnist-dit fixes its token count (position embedding of a fixed sample size): only the batch is dynamic."""
+    m = json.loads((exported / "manifest.json").read_text())
+    call = m["call"]
+    assert call["dims"] == {"batch": {"example": 4, "min": 1, "max": 4096}}
+    hs = {e["name"]: e for e in call["leaves"]}["hidden_states"]
+    assert hs["dynamic_axes"] == {"0": "batch"} and sorted(hs["static_axes"]) == ["1", "2", "3"]
+    assert "specialises sizes 0 and 1" in hs["static_axes"]["1"]  # one channel
+    # height and width: free symbols in the Dim.AUTO capture, but pinned by its guards ((h // 4) == 7)
+    assert all(hs["static_axes"][a].startswith("fixed by the model") for a in ("2", "3"))
+    assert "hidden_states[2]" in hs["static_axes"]["2"] and "false at size 42" in hs["static_axes"]["2"]
+    assert call["residual"]["dynamic_axes"] == {"0": "batch"}
+    assert any(n.startswith("static axes hidden_states[2]") and "fixed by the model" in n for n in m["notes"])
+    assert m["onnx"]["dynamic_axes"]["hidden_states"] == {"0": "batch"}
+
+
 # -- the runner matches the PyTorch runtime -----------------------------------------------------------------
 def test_onnxruntime_tcpade_matches_pytorch_tcpade(exported, pipe):
     labels, steps = [0, 3, 7], 20
@@ -202,15 +218,105 @@ def test_nothing_is_unpickled(exported, pipe, monkeypatch):
         tcpade_fx.disable(pipe)
 
 
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """A tiny Flux transformer exported bare with 16 image and 8 text tokens (distinct sizes: axes of equal
+    example size would be tied)."""
+    from tcpade_fx.testing import tiny_flux
+
+    model, kw = tiny_flux(batch=2, image_tokens=16, text_tokens=8)
+    return model, to_onnx(model, tmp_path_factory.mktemp("flux-onnx"), example_call=kw)
+
+
 @pytest.mark.slow
-def test_bare_flux_transformer_roundtrip(tmp_path):
+def test_flux_manifest_lists_dynamic_token_axes(flux):
+    _, folder = flux
+    m = json.loads((folder / "manifest.json").read_text())
+    leaves = {e["name"]: e for e in m["call"]["leaves"]}
+    assert leaves["hidden_states"]["dynamic_axes"] == {"0": "batch", "1": "tokens_16"}
+    assert leaves["img_ids"]["dynamic_axes"] == {"0": "tokens_16"}
+    assert leaves["encoder_hidden_states"]["dynamic_axes"] == {"0": "batch", "1": "tokens_8"}
+    assert leaves["txt_ids"]["dynamic_axes"] == {"0": "tokens_8"}
+    assert leaves["pooled_projections"]["dynamic_axes"] == {"0": "batch"}
+    # channels (8, like the text tokens) and the 3 id columns stay static, with the reason
+    assert "fixed by the model" in leaves["hidden_states"]["static_axes"]["2"]
+    assert "fixed by the model" in leaves["img_ids"]["static_axes"]["1"]
+    assert m["call"]["residual"]["dynamic_axes"] == {"0": "batch", "1": "tokens_16"}
+    assert set(m["call"]["dims"]) == {"batch", "tokens_16", "tokens_8"}
+    assert m["graphs"]["compute"]["inputs"][0]["shape"] == ["batch", "tokens_16", 8]
+    assert m["graphs"]["predict"]["inputs"][-1]["shape"] == ["batch", "tokens_16", 32]
+    assert m["verification"]["batches"][-1]["dims"] == {"tokens_16": 24, "tokens_8": 12}
+    assert any(n.startswith("dynamic axis tokens_16") and "img_ids[0]" in n for n in m["notes"])
+
+
+@pytest.mark.slow
+def test_flux_export_runs_at_other_token_counts(flux):
+    """Exported at 16 image / 8 text tokens, run at 36 / 12 (and batch 3): same outputs as PyTorch."""
+    from tcpade_fx.passes import flatten_call
+    from tcpade_fx.testing import tiny_flux
+
+    model, folder = flux
+    _, kw = tiny_flux(batch=3, seed=1, image_tokens=36, text_tokens=12)
+    assert kw["img_ids"].shape == (36, 3) and kw["hidden_states"].shape == (3, 36, 8)
+    runner = load(folder, threads=1)
+    leaves, spec = flatten_call((), kw, runner.in_spec)
+    graphs = runner.graphs_for(kw)  # the runner's shape check accepts the new token counts
+    with torch.no_grad():
+        ref = model(**kw)[0]
+    out, residual = graphs.compute(*leaves)
+    pred = graphs.predict(*leaves, residual)[0]
+    assert out.shape == ref.shape == (3, 36, 8) and residual.shape == (3, 36, 32)
+    assert float((out - ref).norm() / ref.norm()) < 1e-4
+    assert float((pred - ref).norm() / ref.norm()) < 1e-4
+    # through the installed runner (policy "full": every step computed, so each output is the model's)
+    times = [0.9, 0.7, 0.5]
+    with torch.no_grad():
+        want = [model(**{**kw, "timestep": torch.full((3,), t)})[0] for t in times]
+    load(folder, policy="full", allow_policy_change=True, threads=1).install(model)
+    try:
+        model.tcpade.begin(len(times))
+        got = [model(**{**kw, "timestep": torch.full((3,), t)})[0] for t in times]
+    finally:
+        tcpade_fx.disable(model)
+    assert max(float((a - b).norm() / b.norm()) for a, b in zip(got, want)) < 1e-4
+
+
+@pytest.mark.slow
+def test_flux_runner_refuses_wrong_static_dims_and_untied_tokens(flux):
+    from tcpade_fx.testing import tiny_flux
+
+    model, folder = flux
+    runner = load(folder, threads=1)
+    _, kw = tiny_flux(batch=2, seed=1, image_tokens=36, text_tokens=12)
+    with pytest.raises(ManifestMismatchError, match=r"hidden_states has shape \[2, 36, 9\], the export expects "
+                                                    r"\['batch', 'tokens_16', 8\]"):
+        runner.graphs_for({**kw, "hidden_states": torch.randn(2, 36, 9)})
+    with pytest.raises(ManifestMismatchError, match=r"img_ids axis 0 \(tokens_16\) is 25, but hidden_states axis 1"):
+        runner.graphs_for({**kw, "img_ids": kw["img_ids"][:25]})
+    with pytest.raises(ManifestMismatchError, match=r"txt_ids has shape \[12, 2\]"):
+        runner.graphs_for({**kw, "txt_ids": torch.zeros(12, 2)})
+    runner.graphs_for(kw)
+
+
+@pytest.mark.slow
+def test_flux_equal_token_counts_are_not_tied():
+    """16 image and 16 text tokens: grouping by size alone would tie them; the guards keep them apart."""
+    from tcpade_fx.testing import tiny_flux
+
+    model, kw = tiny_flux(batch=2, image_tokens=16, text_tokens=16)
+    cap = capture_for_export(model, kw)
+    axes = {cap.leaf_names[i]: v for i, v in cap.dynamic_axes.items()}
+    assert axes["hidden_states"] == {0: "batch", 1: "tokens_16"} and axes["img_ids"] == {0: "tokens_16"}
+    assert axes["encoder_hidden_states"] == {0: "batch", 1: "tokens_16_b"} and axes["txt_ids"] == {0: "tokens_16_b"}
+    assert cap.residual_axes == {0: ("batch", 1, 0), 1: ("tokens_16", 1, 0)}  # the image stream's residual
+
+
+@pytest.mark.slow
+def test_bare_flux_transformer_roundtrip(flux):
     """A second family, exported bare: several batch inputs, batch-free ids, dynamic batch, same schedule."""
     from tcpade_fx.testing import tiny_flux
 
-    model, kw = tiny_flux(batch=2)
-    folder = to_onnx(model, tmp_path / "flux", example_call=kw)
-    leaves = {e["name"]: e for e in json.loads((folder / "manifest.json").read_text())["call"]["leaves"]}
-    assert leaves["img_ids"]["dynamic_axes"] == {} and leaves["encoder_hidden_states"]["dynamic_axes"] == {"0": "batch"}
+    model, folder = flux
     _, kw3 = tiny_flux(batch=3, seed=1)
     times = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
 
@@ -256,7 +362,7 @@ def test_tensorrt_entry_points_fail_clearly_without_it(pipe, tmp_path):
 
 def test_tensorrt_export_torch_side_on_cpu(pipe):
     """Everything to_tensorrt does before the converter: dynamic-batch programs and Input ranges."""
-    cap = capture_for_export(pipe)
+    cap = capture_for_export(pipe, dynamic_tokens=False)  # as to_tensorrt captures
     prepared = prepare_tensorrt_export(cap, min_batch=1, max_batch=16)
     compute, predict = prepared["compute"], prepared["predict"]
     assert compute.input_names == ["hidden_states", "timestep", "class_labels"]

@@ -17,7 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..policy import PRESETS, Policy, resolve_policy
-from ._capture import ExportCapture, file_sha256
+from ._capture import BATCH, ExportCapture, axis_expr, file_sha256
 
 FORMAT = "tcpade-fx-export"
 FORMAT_VERSION = 1
@@ -50,13 +50,19 @@ def policy_fields(policy: Policy) -> dict:
 
 
 def call_section(cap: ExportCapture) -> dict:
-    """The call's leaves (tensor or constant, shape, dtype, batch axis), pytree specs and the timestep input."""
+    """The call's leaves (tensor or constant, shape, dtype, dynamic axes and why the others are static), the
+    dynamic dimensions and their ranges, pytree specs and the timestep input.
+
+    ``dynamic_axes`` of a tensor maps an axis (as a string) to a dimension of ``dims``; every axis of the same
+    dimension takes the same size in a call. ``static_axes`` maps each other axis to the reason it is static.
+    """
     leaves = []
     for i, (name, x) in enumerate(zip(cap.leaf_names, cap.leaves)):
         if isinstance(x, torch.Tensor):
             leaves.append({
                 "index": i, "name": name, "kind": "tensor", "shape": list(x.shape), "dtype": dtype_name(x.dtype),
-                "dynamic_axes": {"0": "batch"} if i in cap.batch_leaves else {},
+                "dynamic_axes": {str(a): n for a, n in cap.dynamic_axes.get(i, {}).items()},
+                "static_axes": {str(a): why for a, why in cap.static_axes.get(i, {}).items()},
             })
         else:
             leaves.append({"index": i, "name": name, "kind": "constant", "value": x})
@@ -69,9 +75,10 @@ def call_section(cap: ExportCapture) -> dict:
         "timestep_leaf": cap.timestep_position,
         "residual": {
             "name": "tcpade_residual", "shape": list(cap.residual.shape), "dtype": "float32",
-            "dynamic_axes": {"0": "batch"} if cap.batch_leaves else {},
+            "dynamic_axes": {str(a): axis_expr(*e) for a, e in cap.residual_axes.items()},
         },
-        "batch": None if not cap.batch_leaves else {"example": cap.batch_size, "min": 1, "max": 4096},
+        "batch": cap.dims.get(BATCH),
+        "dims": cap.dims,
     }
 
 
@@ -222,7 +229,7 @@ def check_call(manifest: dict, leaves: list, spec: pytree.TreeSpec) -> None:
     if spec != expected_spec:
         raise ManifestMismatchError("the call does not have the exported structure: " + _spec_difference(spec, expected_spec))
     problems = []
-    batch = None
+    sizes: dict[str, tuple[int, str]] = {}  # dimension -> (size, where first seen)
     for entry, x in zip(call["leaves"], leaves):
         name = entry["name"]
         if entry["kind"] == "constant":
@@ -235,16 +242,21 @@ def check_call(manifest: dict, leaves: list, spec: pytree.TreeSpec) -> None:
         if dtype_name(x.dtype) != entry["dtype"]:
             problems.append(f"{name} has dtype {dtype_name(x.dtype)}, the export expects {entry['dtype']}")
         shape, want = list(x.shape), entry["shape"]
-        dyn = {int(a) for a in entry.get("dynamic_axes", {})}
+        dyn = {int(a): d for a, d in entry.get("dynamic_axes", {}).items()}
         if len(shape) != len(want) or any(s != w for a, (s, w) in enumerate(zip(shape, want)) if a not in dyn):
-            shown = ["batch" if a in dyn else w for a, w in enumerate(want)]
+            shown = [dyn.get(a, w) for a, w in enumerate(want)]
             problems.append(f"{name} has shape {shape}, the export expects {shown}")
-        elif 0 in dyn:
-            if batch is not None and shape[0] != batch:
-                problems.append(f"{name} has batch {shape[0]}, other inputs have batch {batch}")
-            batch = shape[0]
-    limits = call.get("batch")
-    if batch is not None and limits and not limits["min"] <= batch <= limits["max"]:
-        problems.append(f"batch {batch} is outside the exported range [{limits['min']}, {limits['max']}]")
+            continue
+        for axis, dim in sorted(dyn.items()):
+            where = f"{name} axis {axis}"
+            if dim in sizes and sizes[dim][0] != shape[axis]:
+                problems.append(f"{where} ({dim}) is {shape[axis]}, but {sizes[dim][1]} ({dim}) is {sizes[dim][0]}: "
+                                f"the export ties these axes")
+            sizes.setdefault(dim, (shape[axis], where))
+    limits = call.get("dims") or ({BATCH: call["batch"]} if call.get("batch") else {})
+    for dim, (size, _) in sizes.items():
+        lo, hi = (limits.get(dim) or {}).get("min"), (limits.get(dim) or {}).get("max")
+        if (lo is not None and size < lo) or (hi is not None and size > hi):
+            problems.append(f"{dim} {size} is outside the exported range [{lo}, {'inf' if hi is None else hi}]")
     if problems:
         raise ManifestMismatchError("inputs do not match the export: " + "; ".join(problems))

@@ -22,8 +22,11 @@ Why two graphs, ``compute`` and ``predict``, rather than head/body/tail pieces o
   Torch-TensorRT converter, so the TensorRT route could not share the file.
 
 Shapes: the batch axis (axis 0 of every input whose first size is the example batch) is exported as the symbolic
-dimension ``batch`` when torch.export accepts it; every other axis is static (DiT's unpatchify and the position
-embeddings specialise the token count). Export with a batch of at least 2 (with CFG, one label is enough).
+dimension ``batch`` when torch.export accepts it, and every other axis the model leaves free as a token dimension
+named after its example size (Flux: ``tokens_16`` for the image tokens and ``img_ids`` rows, ``tokens_8`` for the
+text tokens and ``txt_ids`` rows); how they are found is in :mod:`tcpade_fx.export._capture`. The others are
+static, with the reason in the manifest (``static_axes`` of each input, and ``notes``): DiT's unpatchify and
+position embedding fix its token count. Export with a batch of at least 2 (with CFG, one label is enough).
 Non-tensor arguments (``return_dict=False``) are specialised in the graphs; the manifest records their values
 and the runner refuses calls that pass others. The timestep input is named in the manifest.
 """
@@ -39,20 +42,15 @@ from pathlib import Path
 import torch
 
 from ..policy import Policy, resolve_policy
-from ._capture import ExportCapture, TensorOnly, capture_for_export, file_sha256, resize_batch, weights_sha256
+from ._capture import (
+    BATCH, ExportCapture, TensorOnly, capture_for_export, file_sha256, probe_size, resize_dims, weights_sha256,
+)
 from .manifest import base_manifest, write_manifest
 
 RESIDUAL = "tcpade_residual"
 #: ONNX TensorProto element types → torch dtype names.
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
                11: "float64", 16: "bfloat16"}
-
-
-def _dims_spec(cap: ExportCapture, batch_dim, extra_residual: bool):
-    specs = [{0: batch_dim} if i in cap.batch_leaves else None for i in cap.tensor_positions]
-    if extra_residual:
-        specs.append({0: batch_dim} if cap.batch_leaves else None)
-    return (tuple(specs),)
 
 
 def _io(values) -> list[dict]:
@@ -74,15 +72,12 @@ def onnx_io(path: Path) -> tuple[list[dict], list[dict], int]:
 
 
 def _export_one(cap: ExportCapture, which: str, path: Path, opset: int | None) -> None:
-    from ._capture import _batch_dim
-
     gm = cap.compute if which == "compute" else cap.predict
     extra = which == "predict"
     wrapper = TensorOnly(gm, cap.leaves, cap.tensor_positions, extra=int(extra)).eval()
     args = tuple(cap.leaves[i] for i in cap.tensor_positions) + ((cap.residual,) if extra else ())
     input_names = cap.tensor_names + ([RESIDUAL] if extra else [])
     output_names = cap.output_names + ([RESIDUAL] if not extra else [])
-    batch = _batch_dim()
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level
     registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" etc.
@@ -93,7 +88,7 @@ def _export_one(cap: ExportCapture, which: str, path: Path, opset: int | None) -
             with contextlib.redirect_stdout(devnull):  # the exporter prints progress lines
                 program = torch.onnx.export(
                     wrapper, args, dynamo=True, input_names=input_names, output_names=output_names,
-                    dynamic_shapes=_dims_spec(cap, batch, extra) if cap.batch_leaves else None,
+                    dynamic_shapes=cap.dynamic_shapes(cap.export_dims(), residual=extra),
                     opset_version=opset, optimize=True, verbose=False,
                 )
     finally:
@@ -124,17 +119,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _check(cap: ExportCapture, folder: Path, tolerance: float) -> dict:
-    """ORT vs PyTorch on the example call and, for a dynamic batch, at batch 1 and batch + 1."""
+    """ORT vs PyTorch on the example call; for a dynamic batch also at batch 1 and batch + 1, for dynamic token
+    axes also with every token dimension at :func:`~._capture.probe_size` of its example (example batch)."""
     from torch.utils import _pytree as pytree
 
     compute = _ort_session(folder / "compute.onnx")
     predict = _ort_session(folder / "predict.onnx")
     names = cap.tensor_names
-    sizes = [cap.batch_size, 1, cap.batch_size + 1] if cap.batch_leaves else [None]
+    runs: list[dict] = [{}]
+    if cap.batch_leaves:
+        runs += [{BATCH: 1}, {BATCH: cap.batch_size + 1}]
+    if cap.token_dims:  # dimensions of equal example size go to different sizes (24, 25, ...): none are tied
+        examples = [cap.dims[n]["example"] for n in cap.token_dims]
+        runs.append({n: probe_size(e) + examples[:k].count(e)
+                     for k, (n, e) in enumerate(zip(cap.token_dims, examples))})
     report: dict = {"tolerance": tolerance, "batches": []}
     module = cap.module
-    for size in sizes:
-        leaves = cap.leaves if size in (None, cap.batch_size) else resize_batch(cap.leaves, cap.batch_leaves, size)
+    for sizes in runs:
+        size = sizes.get(BATCH, cap.batch_size)
+        leaves = resize_dims(cap.leaves, cap.dynamic_axes, sizes) if sizes else cap.leaves
         _, kwargs = pytree.tree_unflatten(leaves, cap.in_spec)
         with torch.no_grad():
             ref = [t for t in pytree.tree_leaves(type(module).forward(module, **kwargs)) if isinstance(t, torch.Tensor)]
@@ -143,10 +146,12 @@ def _check(cap: ExportCapture, folder: Path, tolerance: float) -> dict:
         pred = _run(predict, names + [RESIDUAL], tensors + [residual])
         errs = {"compute": max(_rel(r, o) for r, o in zip(ref, outs)),
                 "predict_true_residual": max(_rel(r, p) for r, p in zip(ref, pred))}
-        report["batches"].append({"batch": size, **errs})
+        tokens = {n: v for n, v in sizes.items() if n != BATCH}
+        report["batches"].append({"batch": size, **({"dims": tokens} if tokens else {}), **errs})
         if not max(errs.values()) <= tolerance:
+            where = f"batch {size}" + "".join(f", {n} = {v}" for n, v in tokens.items())
             raise RuntimeError(
-                f"the exported ONNX graphs differ from the PyTorch transformer at batch {size}: {errs} (relative, "
+                f"the exported ONNX graphs differ from the PyTorch transformer at {where}: {errs} (relative, "
                 f"allowed {tolerance:g}); the export in {folder} is not usable"
             )
     return report
@@ -159,6 +164,7 @@ def to_onnx(
     policy: Policy | str = "balanced",
     *,
     dynamic_batch: bool = True,
+    dynamic_tokens: bool = True,
     opset: int | None = None,
     check: bool = True,
     tolerance: float | None = None,
@@ -175,8 +181,11 @@ def to_onnx(
         policy: the TC-Padé policy the runner uses by default (recorded in the manifest; the graphs do not
             depend on it).
         dynamic_batch: keep the batch axis symbolic (when torch.export accepts it; the manifest notes otherwise).
+        dynamic_tokens: keep the other axes the model leaves free symbolic too (token counts: Flux's image and
+            text tokens; DiT fixes its own). Axes that must stay equal share one dimension.
         opset: ONNX opset (default: the exporter's).
-        check: run both graphs in onnxruntime against the PyTorch transformer (example batch, 1, batch + 1).
+        check: run both graphs in onnxruntime against the PyTorch transformer (example batch, 1, batch + 1,
+            and every token dimension at 1.5 x its example size).
         tolerance: relative error allowed by the check (default 1e-4 for float32, 2e-2 otherwise).
         block_prefixes: names of the block ModuleList(s) when the model is not a known family.
 
@@ -185,7 +194,8 @@ def to_onnx(
     policy = resolve_policy(policy)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    cap = capture_for_export(target, example_call, dynamic_batch=dynamic_batch, block_prefixes=block_prefixes)
+    cap = capture_for_export(target, example_call, dynamic_batch=dynamic_batch, dynamic_tokens=dynamic_tokens,
+                             block_prefixes=block_prefixes)
     manifest = base_manifest(cap, policy, "onnx", weights_sha256(cap.module))
     opsets = set()
     for which in ("compute", "predict"):
@@ -200,10 +210,13 @@ def to_onnx(
         if data.exists():
             entry["external_data"] = {"file": data.name, "sha256": file_sha256(data)}
         manifest["graphs"][which] = entry
+    call = manifest["call"]
     manifest["onnx"] = {
         "opset": sorted(opsets)[0] if len(opsets) == 1 else sorted(opsets),
         "exporter": "torch.onnx.export(dynamo=True, optimize=True)",
-        "dynamic_axes": {"batch": [0]} if cap.batch_leaves else {},
+        # torch.onnx's classic dynamic_axes form: input -> {axis: dimension}
+        "dynamic_axes": {e["name"]: e["dynamic_axes"] for e in [*call["leaves"], call["residual"]]
+                         if e.get("dynamic_axes")},
     }
     if check:
         dtype = cap.residual.dtype if not cap.tensor_positions else cap.leaves[cap.tensor_positions[0]].dtype

@@ -8,7 +8,8 @@ Two uses, one engine per graph (``compute`` and ``predict``), the decision stayi
   runtime builds graphs per input signature anyway).
 * :func:`to_tensorrt` writes ``compute.engine``, ``predict.engine`` (raw serialized engines from
   ``torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine``, dynamic batch through
-  ``torch_tensorrt.Input(min_shape, opt_shape, max_shape)``) and the same ``manifest.json`` as
+  ``torch_tensorrt.Input(min_shape, opt_shape, max_shape)``; token axes static, see the manifest's
+  ``static_axes``) and the same ``manifest.json`` as
   :func:`tcpade_fx.export.to_onnx`. :func:`tcpade_fx.export.load` opens it and runs the engines with the
   ``tensorrt`` Python runtime (``deserialize_cuda_engine`` + ``execute_async_v3`` on torch CUDA tensors). Raw
   engines rather than ``torch_tensorrt.save``: the ``.ep`` format stores pickled pieces and needs Torch-TensorRT's
@@ -126,7 +127,14 @@ def prepare_tensorrt_export(
     cap: ExportCapture, min_batch: int = 1, opt_batch: int | None = None, max_batch: int | None = None
 ) -> dict[str, PreparedGraph]:
     """The torch side of :func:`to_tensorrt` (no TensorRT needed): export each graph's tensor-only wrapper with
-    the batch axis symbolic in ``[min_batch, max_batch]`` and derive the ``torch_tensorrt.Input`` ranges."""
+    the batch axis symbolic in ``[min_batch, max_batch]`` and derive the ``torch_tensorrt.Input`` ranges.
+
+    Token axes stay static in engines (capture with ``dynamic_tokens=False``, as :func:`to_tensorrt` does)."""
+    if cap.token_dims:
+        raise ValueError(
+            f"TensorRT engines are built with a dynamic batch only; this capture has dynamic token dimensions "
+            f"{cap.token_dims}: capture with capture_for_export(..., dynamic_tokens=False)"
+        )
     batch = cap.batch_size
     if cap.batch_leaves:
         opt_batch = opt_batch or batch
@@ -225,7 +233,9 @@ def to_tensorrt(
     policy = resolve_policy(policy)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    cap = capture_for_export(target, example_call, dynamic_batch=dynamic_batch, block_prefixes=block_prefixes)
+    # token axes static: engines would need a min/opt/max range for each (not exposed here)
+    cap = capture_for_export(target, example_call, dynamic_batch=dynamic_batch, dynamic_tokens=False,
+                             block_prefixes=block_prefixes)
     _require_cuda_inputs(cap)
     prepared = prepare_tensorrt_export(cap, min_batch, opt_batch, max_batch)
     manifest = base_manifest(cap, policy, "tensorrt", weights_sha256(cap.module))
