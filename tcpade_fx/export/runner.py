@@ -102,7 +102,7 @@ class ExportedTCPade:
         With ``check_weights`` the transformer's state_dict hash must be the exported one (the graphs carry
         their own weights; a different transformer would mean the pipeline and the export disagree).
         """
-        from ..api import _pipeline_class_with_reset, _transformer_of, disable
+        from ..api import _transformer_of, disable, install
         from ._capture import weights_sha256
 
         transformer = _transformer_of(target)
@@ -121,17 +121,7 @@ class ExportedTCPade:
                     f"({self.manifest['weights_sha256'][:16]}…); pass check_weights=False to run the exported "
                     "graphs regardless"
                 )
-        if getattr(transformer, "tcpade", None) is not None:
-            disable(target)
-        runtime = self.runtime(transformer)
-        transformer.forward = runtime
-        transformer.tcpade = runtime
-        if target is not transformer:
-            target.tcpade = runtime
-            cls = type(target)
-            if not hasattr(cls, "_tcpade_base_class"):
-                target.__class__ = _pipeline_class_with_reset(cls)
-        return target
+        return install(target, self.runtime(transformer))
 
     def __repr__(self) -> str:
         return (f"ExportedTCPade({str(self.folder)!r}, backend={self.backend!r}, policy={self.policy.name!r}, "
