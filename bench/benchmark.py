@@ -186,7 +186,8 @@ def fixed_interval_for(steps: int, computed: int, early: int) -> int:
     return best
 
 
-def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bool, peers_only: bool = False) -> None:
+def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bool, peers_only: bool = False,
+              core_only: bool = False) -> None:
     b = bench
     for n in steps_list:
         if peers_only:
@@ -203,6 +204,8 @@ def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bo
             c = max(2, round(r["computed_steps"]))
             b.row(n, f"fewer steps Euler ({c})", "fewer", lambda: b.pipe(euler()), run_steps=c)
             b.row(n, f"fewer steps UniPC ({c})", "fewer", lambda: b.pipe(unipc()), run_steps=c)
+            if core_only:
+                continue
             mask = r["schedule"]
             ablations = (("reuse", 0), ("taylor", 1), ("taylor", 2)) if preset == "balanced" else (("reuse", 0), ("taylor", 1))
             for method, order in ablations:
@@ -238,6 +241,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--peers-only", action="store_true", help="run only the peer rows (e.g. beside a --no-peers run)")
+    ap.add_argument("--core-only", action="store_true", help="only full, TC-Padé presets and fewer-steps rows")
     ap.add_argument("--results", default=str(RESULTS), help="folder of the resumable JSONL results")
     args = ap.parse_args()
     RESULTS = Path(args.results)
@@ -247,7 +251,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     for model in args.models:
         bench = Bench(model, args.samples, args.timing_samples, args.repeats, args.batch)
-        run_model(bench, args.steps, args.presets, not args.no_peers, args.peers_only)
+        run_model(bench, args.steps, args.presets, not args.no_peers, args.peers_only, args.core_only)
 
 
 if __name__ == "__main__":
