@@ -34,9 +34,16 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
 
 def kernel_inception_distance(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 10, size: int = 200,
                               seed: int = 0) -> float:
-    """KID (unbiased MMD² with the cubic polynomial kernel), averaged over random subsets."""
+    """KID (unbiased MMD² with the cubic polynomial kernel), averaged over random subsets.
+
+    Both feature sets are divided by the RMS magnitude of ``feats_a`` (the reference set) times √d first: the
+    classifier's post-ReLU features are much larger than the Inception features the kernel ``(x·y/d + 1)³`` was
+    designed for, and unscaled they make the estimator's variance swamp the distance.
+    """
     a, b = feats_a.double(), feats_b.double()
     d = a.shape[1]
+    scale = a.pow(2).mean().sqrt().clamp_min(1e-12)
+    a, b = a / scale, b / scale
     g = torch.Generator().manual_seed(seed)
     size = min(size, len(a), len(b))
     values = []
