@@ -26,17 +26,7 @@ from torch.utils import _pytree as pytree
 
 from .controller import StepController
 from .pade import extrapolate, relative_error
-from .passes import (
-    BlockStackPlan,
-    build_compute_graph,
-    build_predict_graph,
-    capture_graph,
-    flatten_call,
-    locate_block_stack,
-    split_head_body_tail,
-    verify_rewrite,
-    verify_split,
-)
+from .passes import BlockStackPlan, capture_graph, flatten_call, locate_block_stack, rewrite_and_verify
 from .policy import Policy
 
 BACKENDS = ("eager", "inductor", "tensorrt")
@@ -226,11 +216,7 @@ class TCPadeRuntime:
             captured = capture_graph(self.module, (), kwargs)
         gm = captured.graph_module
         plan = locate_block_stack(gm, self.block_prefixes)
-        compute, predict = build_compute_graph(gm, plan), build_predict_graph(gm, plan)
-        leaves = captured.example_leaves
-        if self.verify:
-            verify_split(gm, split_head_body_tail(gm, plan), leaves)
-            verify_rewrite(gm, compute, predict, leaves, plan)
+        compute, predict = rewrite_and_verify(gm, plan, captured.example_leaves, self.verify)
         self.stats.captures += 1
         return _Graphs(
             plan=plan,

@@ -41,7 +41,6 @@ import hashlib
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -49,14 +48,10 @@ from torch.utils import _pytree as pytree
 from ..api import _transformer_of
 from ..passes import (
     BlockStackPlan,
-    build_compute_graph,
-    build_predict_graph,
     capture_graph,
     flatten_call,
     locate_block_stack,
-    split_head_body_tail,
-    verify_rewrite,
-    verify_split,
+    rewrite_and_verify,
 )
 
 BATCH = "batch"
@@ -590,10 +585,8 @@ def capture_for_export(
         if forward is not None:
             module.forward = forward
     gm = captured.graph_module
-    compute, predict = build_compute_graph(gm, plan), build_predict_graph(gm, plan)
     leaves = captured.example_leaves
-    verify_split(gm, split_head_body_tail(gm, plan), leaves)
-    verify_rewrite(gm, compute, predict, leaves, plan)
+    compute, predict = rewrite_and_verify(gm, plan, leaves)
     with torch.no_grad():
         *outs, residual = compute(*leaves)
     from ..runtime import _leaf_index_of

@@ -89,3 +89,17 @@ def verify_rewrite(
             f"{plan.body_output}) is not a residual stack the tail depends on only through its output"
         )
     return worst
+
+
+def rewrite_and_verify(
+    gm: torch.fx.GraphModule, plan: BlockStackPlan, leaves: Sequence[Any], verify: bool = True
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The compute and predict graphs of ``gm``, checked on ``leaves`` (split, then rewrite) unless ``verify`` is off."""
+    from .rewrite import build_compute_graph, build_predict_graph
+    from .split import split_head_body_tail
+
+    compute, predict = build_compute_graph(gm, plan), build_predict_graph(gm, plan)
+    if verify:
+        verify_split(gm, split_head_body_tail(gm, plan), leaves)
+        verify_rewrite(gm, compute, predict, leaves, plan)
+    return compute, predict
