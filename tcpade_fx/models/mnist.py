@@ -21,6 +21,7 @@ from diffusers import DiffusionPipeline, DiTTransformer2DModel, FluxTransformer2
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
@@ -147,7 +148,7 @@ class _MNISTFlowPipeline(DiffusionPipeline):
             class_labels: one digit (0–9) per image.
             num_inference_steps: scheduler steps.
             guidance_scale: classifier-free guidance scale; ``<= 1`` runs the conditional branch only.
-            generator: seeds the initial noise (ignored when ``latents`` is given).
+            generator: seeds the initial noise (ignored when ``latents`` is given); a list gives one per image.
             latents: initial noise, shape (B, 1, 28, 28).
             output_type: ``"pil"``, ``"np"`` (B,28,28,1 in [0,1]) or ``"pt"`` (B,1,28,28 in [-1,1]).
         """
@@ -158,7 +159,9 @@ class _MNISTFlowPipeline(DiffusionPipeline):
         batch = labels.shape[0]
         dtype = self.transformer.dtype
         if latents is None:
-            latents = torch.randn((batch, 1, IMAGE_SIZE, IMAGE_SIZE), generator=generator, dtype=torch.float32)
+            if isinstance(generator, list) and len(generator) != batch:
+                raise ValueError(f"got {len(generator)} generators for {batch} class labels; pass one per image")
+            latents = randn_tensor((batch, 1, IMAGE_SIZE, IMAGE_SIZE), generator=generator, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32)
         if latents.shape != (batch, 1, IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"latents must have shape {(batch, 1, IMAGE_SIZE, IMAGE_SIZE)}, got {tuple(latents.shape)}")

@@ -1,0 +1,63 @@
+"""Quality tests on the bundled trained models: readable digits of the asked class, and TC-Padé faithful to the
+full run (better than simply running fewer steps at the same number of block-stack evaluations)."""
+
+import pytest
+import torch
+
+import tcpade_fx
+from tcpade_fx import metrics, models
+from tcpade_fx.models.classifier import load_classifier
+
+SEEDS = list(range(20))
+LABELS = [s % 10 for s in SEEDS]
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def latents():
+    return metrics.seeded_latents(SEEDS)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier()
+
+
+def sample(pipe, latents, steps=STEPS):
+    return pipe(LABELS, latents=latents, num_inference_steps=steps, guidance_scale=1.5, output_type="pt").images
+
+
+@pytest.mark.parametrize("name", ["mnist-dit", "mnist-flux"])
+def test_bundled_model_draws_the_asked_digits(name, latents, classifier):
+    images = sample(models.load(name), latents)
+    assert images.shape == (len(SEEDS), 1, 28, 28)
+    with torch.no_grad():
+        predicted = classifier(images).argmax(dim=1)
+    accuracy = (predicted == torch.tensor(LABELS)).float().mean().item()
+    assert accuracy >= 0.9, f"{name}: only {accuracy:.0%} of the samples are the asked digit"
+
+
+@pytest.mark.parametrize("name", ["mnist-dit", "mnist-flux"])
+def test_balanced_is_faithful_and_beats_fewer_steps_at_equal_compute(name, latents):
+    full = sample(models.load(name), latents)
+    pipe = tcpade_fx.compile(models.load(name), policy="balanced")
+    cached = sample(pipe, latents)
+    computed_steps = pipe.tcpade.stats.decisions(0).count("C")
+    assert computed_steps < STEPS / 2
+    fewer = sample(models.load(name), latents, steps=computed_steps)
+    cached_psnr, fewer_psnr = metrics.psnr(full, cached), metrics.psnr(full, fewer)
+    assert cached_psnr >= 30.0, f"{name}: balanced only {cached_psnr:.1f} dB from the full run"
+    assert cached_psnr > fewer_psnr + 2.0, (
+        f"{name}: balanced ({computed_steps} computed steps) {cached_psnr:.1f} dB vs {computed_steps} plain steps "
+        f"{fewer_psnr:.1f} dB"
+    )
+
+
+def test_a_list_of_generators_seeds_each_image(latents):
+    pipe = models.load("mnist-dit")
+    both = pipe([3, 7], generator=[torch.Generator().manual_seed(s) for s in (5, 6)], num_inference_steps=4,
+                output_type="pt").images
+    alone = pipe([7], generator=torch.Generator().manual_seed(6), num_inference_steps=4, output_type="pt").images
+    torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one per image"):
+        pipe([3, 7], generator=[torch.Generator()], num_inference_steps=2)
