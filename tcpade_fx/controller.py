@@ -8,6 +8,15 @@ relative error ``e_k`` of what we would have predicted there; the Trajectory Sta
 ``TSI_k = e_k / ω_k(t_k)``, our estimate of C. After a computed step we keep predicting while the run's
 accumulated estimate ``Σ TSI·ω(t)`` stays within the stage tolerance and the run stays within ``max_skip``.
 
+Budget plan: with a compute budget and a known number of steps, the budget is laid out along the trajectory as a
+plan whose gaps grow with progress (computes at ``P(x) = w − 1 + (N − w)·x^γ`` for evenly spaced ``x``, ``w`` the
+warm-up, ``γ`` the policy's ``budget_warp``), re-planned with the remaining budget after every computed step. On
+the bundled trained models a greedy "compute whenever the estimate is above tolerance and the budget allows"
+spent the budget early, left uneven node spacing (an extrapolation far beyond the spacing of its nodes) and lost
+3–4 dB to such a plan at equal compute (bench/SCHEDULE_STUDY.md). The error estimate then moves the plan: a
+trajectory transition with the estimate above tolerance computes before the planned step, an estimate within
+tolerance at a planned step postpones it (each within ``max_skip``), and the re-plan spreads what is left.
+
 Adaptive coefficient modulation: ``TSI_k`` above ``rise_factor`` × its running level (at the same order), or a
 normalised residual velocity ``‖R_k − R_{k−1}‖ / (‖R_{k−1}‖·|t_k − t_{k−1}|)`` above ``rise_factor`` × its running
 level, marks a trajectory transition. Only then (METHOD.md: damping hurts Padé on smooth stretches) the prediction
@@ -21,6 +30,7 @@ orders have different units (``ω`` has ``L + 2`` or ``L + 1`` factors), so the 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -78,6 +88,8 @@ class StepController:
         self.first_mid_step: int | None = None
         self.computed = 0
         self.decisions: list[Decision] = []
+        self.planned: set[int] = set()
+        self.warmup: int | None = None
 
     # -- stage ---------------------------------------------------------------------------------------------
     def progress(self, step: int, time: float) -> float:
@@ -131,6 +143,9 @@ class StepController:
             return done(True, "no history")
         if self.first_mid_step is None:
             self.first_mid_step = step
+            if self._planning:
+                self.warmup = step
+                self._replan(step - 1)
         if p.schedule == "fixed":
             if (step - self.first_mid_step) % p.interval == 0:
                 return done(True, f"fixed schedule (every {p.interval})")
@@ -143,6 +158,8 @@ class StepController:
         if self.run_length >= max_skip:
             return done(True, f"max skip {max_skip} reached", tolerance=tol, tsi=self.tsi)
         estimate = None if self.tsi is None else self.run_error + self.tsi * self._omega(time, order)
+        if self._planning:
+            return self._planned_decision(step, estimate, tol, done)
         if estimate is None or not math.isfinite(estimate) or estimate > tol:
             why = "no error estimate yet" if estimate is None else "error estimate above tolerance"
             if self._budget_allows(step, time):
@@ -151,6 +168,113 @@ class StepController:
                         error_estimate=estimate, tolerance=tol)
         return done(False, "error estimate within tolerance", damping=self.damping, tsi=self.tsi,
                     error_estimate=estimate, tolerance=tol)
+
+    # -- budget plan ----------------------------------------------------------------------------------------
+    @property
+    def _planning(self) -> bool:
+        p = self.policy
+        return p.compute_budget is not None and self.num_steps is not None and p.schedule == "adaptive"
+
+    def _budget_total(self) -> int:
+        return math.ceil(self.policy.compute_budget * self.num_steps)
+
+    def _warp(self, x: float) -> float:
+        w, n = self.warmup, self.num_steps
+        return (w - 1) + (n - w) * x ** self.policy.budget_warp
+
+    def _replan(self, after: int) -> None:
+        """Lay the budget left after step ``after`` on the steps after it, along the warped progress.
+
+        The gaps between planned computations follow the warp's continuous gaps, rounded by largest remainder
+        and sorted so that they never shrink: an extrapolation far beyond the spacing of its own nodes (a short
+        gap followed by a long one) costs more than the warp gains. Computations that ``max_skip`` will force
+        anyway count against the budget: the plan shrinks until plan and forced ones fit.
+        """
+        budget_left = self._budget_total() - self.computed
+        self.planned = set()
+        for points in range(budget_left, 0, -1):
+            plan = self._lay_out(after, points)
+            if len(plan | self._forced_after(after, plan)) <= budget_left:
+                self.planned = plan
+                return
+
+    def _forced_after(self, after: int, plan: set[int]) -> set[int]:
+        """Steps after ``after`` that the last-step rule or ``max_skip`` would compute besides ``plan``."""
+        p, n = self.policy, self.num_steps
+        forced, run = set(), 0
+        for j in range(after + 1, n):
+            cap = p.late_max_skip if self.stage(j, 0.0) == "late" else p.mid_max_skip
+            if j in plan:
+                run = 0
+            elif (j == n - 1 and p.compute_last_step) or run >= cap:
+                forced.add(j)
+                run = 0
+            else:
+                run += 1
+        return forced
+
+    def _lay_out(self, after: int, points: int) -> set[int]:
+        """``points`` computations in (after, n − 1], the last one at n − 1, gaps growing along the warp."""
+        n, w, p = self.num_steps, self.warmup, self.policy
+        span = n - 1 - after
+        if span <= 0 or points <= 0:
+            return set()
+        if points >= span:
+            return set(range(after + 1, n))
+        x0 = min(1.0, max(0.0, (after - (w - 1)) / max(n - w, 1))) ** (1.0 / p.budget_warp)
+        ends = [after] + [self._warp(x0 + (1.0 - x0) * j / points) for j in range(1, points + 1)]
+        ends[0], ends[-1] = after, n - 1
+        exact = [b - a for a, b in zip(ends, ends[1:])]
+        gaps = [max(1, math.floor(d)) for d in exact]
+        order = sorted(range(points), key=lambda j: exact[j] - math.floor(exact[j]), reverse=True)
+        k = 0
+        while sum(gaps) < span:
+            gaps[order[k % points]] += 1
+            k += 1
+        while sum(gaps) > span:  # the max(1, ·) floor overshot: take from the largest gaps
+            gaps[max(range(points), key=lambda j: gaps[j])] -= 1
+        gaps.sort()
+        self._fit_gaps_to_stages(after, gaps)
+        return set(itertools.accumulate(gaps, initial=after)) - {after}
+
+    def _fit_gaps_to_stages(self, after: int, gaps: list[int]) -> None:
+        """Shorten gaps that a stage's ``max_skip`` would cut anyway (a forced computation off the plan would
+        overspend the budget) and lengthen the earlier ones with what they give up, where their stage allows."""
+        p = self.policy
+
+        def cap(end: int) -> int:
+            return (p.late_max_skip if self.stage(end - 1, 0.0) == "late" else p.mid_max_skip) + 1
+
+        for _ in range(len(gaps)):
+            ends = list(itertools.accumulate(gaps, initial=after))[1:]
+            caps = [cap(e) for e in ends]
+            excess = sum(max(0, g - c) for g, c in zip(gaps, caps))
+            if excess == 0:
+                return
+            gaps[:] = [min(g, c) for g, c in zip(gaps, caps)]
+            while excess > 0:
+                room = [k for k in range(len(gaps)) if gaps[k] < caps[k]]
+                if not room:
+                    gaps[-1] += excess  # nothing can absorb it: max_skip will force computations there
+                    return
+                for k in reversed(room):
+                    if excess == 0:
+                        break
+                    gaps[k] += 1
+                    excess -= 1
+
+    def _planned_decision(self, step: int, estimate: float | None, tol: float, done) -> Decision:
+        extra = dict(tsi=self.tsi, error_estimate=estimate, tolerance=tol)
+        within = estimate is not None and math.isfinite(estimate) and estimate <= tol
+        if step in self.planned:
+            if within:
+                self._replan(step)
+                return done(False, "planned step postponed: error estimate within tolerance", damping=self.damping,
+                            **extra)
+            return done(True, "budget plan", **extra)
+        if self.transition and not within and self.computed + 1 < self._budget_total():
+            return done(True, "trajectory transition: error estimate above tolerance", **extra)
+        return done(False, "budget plan", damping=self.damping, **extra)
 
     def _budget_allows(self, step: int, time: float) -> bool:
         budget = self.policy.compute_budget
@@ -218,6 +342,8 @@ class StepController:
         self.computed += 1
         self.run_length = 0
         self.run_error = 0.0
+        if self._planning and self.warmup is not None and step not in self.planned:
+            self._replan(step)  # a computation off the plan: spread what is left (a planned one keeps the plan)
 
     def clear_history(self) -> None:
         """Forget the history (e.g. after a non-finite residual): the next steps compute until it refills."""

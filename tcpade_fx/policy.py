@@ -47,6 +47,10 @@ class Policy:
         compute_budget: largest fraction of steps to compute (None: error control alone decides). Steps forced
             by the stages, ``max_skip`` and the last step are always computed; the tolerance spends the rest of
             the budget where the error estimate is largest, keeping in reserve what ``max_skip`` will force later.
+            With a known number of steps the budget is laid out as a plan whose gaps grow with progress (see
+            :mod:`tcpade_fx.controller`), which the error estimate moves.
+        budget_warp: γ ≥ 1, how fast the planned gaps grow (1: even spacing; 1.3 measured best on the bundled
+            models, bench/SCHEDULE_STUDY.md).
     Schedule:
         schedule: ``"adaptive"`` (error-controlled horizon) or ``"fixed"`` (compute every ``interval``-th step
             after the early stage, the TaylorSeer/FORA-style baseline).
@@ -73,6 +77,7 @@ class Policy:
     late_max_skip: int = 2
     compute_last_step: bool = True
     compute_budget: float | None = None
+    budget_warp: float = 1.3
     schedule: Schedule = "adaptive"
     interval: int = 3
     mask: str | None = None
@@ -116,6 +121,8 @@ class Policy:
             isinstance(self.compute_budget, (int, float)) and 0.0 < self.compute_budget <= 1.0
         ):
             problems.append(f"compute_budget={self.compute_budget!r} must be None or in (0, 1]")
+        if not (isinstance(self.budget_warp, (int, float)) and 1.0 <= self.budget_warp <= 4.0):
+            problems.append(f"budget_warp={self.budget_warp!r} must be in [1, 4]")
         if not (isinstance(self.rise_factor, (int, float)) and self.rise_factor >= 1.0):
             problems.append(f"rise_factor={self.rise_factor!r} must be >= 1")
         if not problems and self.early_end > self.late_start:
@@ -171,8 +178,8 @@ PRESETS: dict[str, Policy] = {
     ),
     "balanced": Policy(name="balanced", compute_budget=0.40),
     "fast": Policy(
-        name="fast", early_end=0.1, mid_tolerance=0.15, late_tolerance=0.05, mid_max_skip=4, late_max_skip=2,
-        compute_budget=0.28,
+        name="fast", early_end=0.1, late_start=1.0, mid_tolerance=0.15, late_tolerance=0.05, mid_max_skip=5,
+        late_max_skip=2, compute_budget=0.28,
     ),
     "full": Policy(name="full", mid_max_skip=0, late_max_skip=0),
 }

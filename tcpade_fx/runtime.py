@@ -25,7 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .controller import StepController
-from .pade import extrapolate, relative_error
+from .pade import all_finite, extrapolate, relative_error
 from .passes import BlockStackPlan, capture_graph, flatten_call, locate_block_stack, rewrite_and_verify
 from .policy import Policy
 
@@ -298,14 +298,14 @@ class TCPadeRuntime:
                 branch.times, branch.residuals, time, method=p.method, order=max(decision.order, 0),
                 per_sample=p.per_sample, eps=p.eps, pole_margin=p.pole_margin, damping=decision.damping,
             )
-            if bool(torch.isfinite(residual).all()):
+            if all_finite(residual):
                 out = graphs.predict(*leaves, residual)
                 branch.controller.record_predict()
                 self._record(step, time, decision, None)
                 return out
             self.stats.notes.append(f"step {step}: predicted residual not finite, computed instead")
         *out, residual = graphs.compute(*leaves)
-        if not bool(torch.isfinite(residual).all()):
+        if not all_finite(residual):
             self.stats.notes.append(f"step {step}: block-stack residual not finite, history cleared")
             branch.times.clear()
             branch.residuals.clear()

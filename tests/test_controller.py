@@ -374,3 +374,50 @@ def test_closed_loop_monotonicity_is_not_guaranteed():
             row.append(drive(p, times, closed_loop(p, traj)).compute_fraction)
         fractions.append(row)
     assert any(r[1] > r[0] or r[2] > r[1] for r in fractions), fractions
+
+
+# -- the budget plan ---------------------------------------------------------------------------------------------
+@st.composite
+def budget_policies(draw):
+    """Adaptive policies with a budget, no transition (rise_factor huge) and no postponement (tolerance 0)."""
+    return draws_policy(draw).replace(schedule="adaptive", compute_budget=draw(st.floats(0.05, 1.0)),
+                                      rise_factor=1e300, mid_tolerance=0.0, late_tolerance=0.0,
+                                      budget_warp=draw(st.floats(1.0, 4.0)))
+
+
+def draws_policy(draw):
+    return draw(policies(schedule="adaptive", rise_min=1.001))
+
+
+def minimal_computes(policy: Policy, n: int) -> int:
+    """Steps the stages, max_skip and the last step force whatever the budget (the fewest any schedule has)."""
+    ctl = StepController(policy.replace(compute_budget=None, mid_tolerance=1e300, late_tolerance=1e300), n)
+    for i in range(n):
+        d = ctl.decide(i, 1.0 - i / n)
+        (ctl.record_compute(i, 1.0 - i / n, 0.0, 0.0) if d.compute else ctl.record_predict())
+    return sum(d.compute for d in ctl.decisions)
+
+
+@FAST
+@given(policy=budget_policies(), times=schedules(min_steps=3), exponent=st.floats(-3, 4))
+def test_the_budget_plan_spends_the_budget_and_no_more(policy, times, exponent):
+    n = len(times)
+    ctl = drive(policy, times, constant_tsi(policy, 10.0**exponent))
+    computed = sum(d.compute for d in ctl.decisions)
+    budget = math.ceil(policy.compute_budget * n)
+    assert computed >= min(budget, n), "the plan left budget unspent"
+    assert computed <= max(budget, minimal_computes(policy, n)), (
+        "".join("C" if d.compute else "." for d in ctl.decisions), budget)
+
+
+@FAST
+@given(policy=budget_policies(), times=schedules(min_steps=3), exponent=st.floats(-3, 4))
+def test_planned_gaps_never_shrink_when_max_skip_does_not_bind(policy, times, exponent):
+    n = len(times)
+    policy = policy.replace(mid_max_skip=n, late_start=1.0)
+    ctl = drive(policy, times, constant_tsi(policy, 10.0**exponent))
+    steps = [d.step for d in ctl.decisions if d.compute and d.stage != "early"]
+    warm = [d.step for d in ctl.decisions if d.stage == "early"]
+    anchors = ([warm[-1]] if warm else []) + steps
+    gaps = [b - a for a, b in zip(anchors, anchors[1:])]
+    assert gaps == sorted(gaps), "".join("C" if d.compute else "." for d in ctl.decisions)

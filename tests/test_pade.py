@@ -22,7 +22,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tcpade_fx import extrapolate, fit_denominator, relative_error
-from tcpade_fx.pade import NODE_TOLERANCE
+from tcpade_fx.pade import NODE_TOLERANCE, all_finite
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 K_TOL = 64.0
@@ -451,3 +451,12 @@ def test_bad_arguments_are_errors():
     with pytest.raises(ValueError):
         fit_denominator([0.0], [r], 1.0)
     assert math.isclose(float(relative_error(torch.ones(4), torch.zeros(4), per_sample=False)), 1.0, rel_tol=1e-6)
+
+
+@given(
+    values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=64),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+)
+def test_all_finite_agrees_with_isfinite(values, dtype):
+    x = torch.tensor(values, dtype=torch.float32).to(dtype)
+    assert all_finite(x) == bool(torch.isfinite(x).all())
