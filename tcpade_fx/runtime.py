@@ -9,7 +9,7 @@ the block stack, builds the compute/predict graphs and hands them to the backend
    time above the previous one starts a new trajectory (noted in the stats when no pipeline announced it);
 2. asks the branch's :class:`~tcpade_fx.controller.StepController` to compute or predict;
 3. computes (and checks what it would have predicted, feeding the a-posteriori error back) or predicts the residual
-   with :func:`~tcpade_fx.pade.extrapolate` and runs the predict graph.
+   with :func:`~tcpade_fx.pade.extrapolate_stacked` and runs the predict graph.
 
 The compute/predict decision stays in Python, outside every graph, so each graph compiles once.
 """
@@ -25,7 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .controller import StepController
-from .pade import all_finite, extrapolate, relative_error
+from .pade import all_finite, extrapolate_stacked, relative_error, stack_history
 from .passes import BlockStackPlan, capture_graph, flatten_call, locate_block_stack, rewrite_and_verify
 from .policy import Policy
 
@@ -126,6 +126,7 @@ class _Branch:
     controller: StepController
     times: list[float] = field(default_factory=list)
     residuals: list[torch.Tensor] = field(default_factory=list)
+    stacked: torch.Tensor | None = None  # the residuals as stack_history() gives them, rebuilt on each push
 
 
 class TCPadeRuntime:
@@ -294,9 +295,9 @@ class TCPadeRuntime:
         decision = branch.controller.decide(step, time)
         check_error = None
         if not decision.compute:
-            residual = extrapolate(
-                branch.times, branch.residuals, time, method=p.method, order=max(decision.order, 0),
-                per_sample=p.per_sample, eps=p.eps, pole_margin=p.pole_margin, damping=decision.damping,
+            residual = extrapolate_stacked(
+                branch.times, branch.stacked, time, like=branch.residuals[-1], method=p.method,
+                order=max(decision.order, 0), eps=p.eps, pole_margin=p.pole_margin, damping=decision.damping,
             )
             if all_finite(residual):
                 out = graphs.predict(*leaves, residual)
@@ -309,14 +310,15 @@ class TCPadeRuntime:
             self.stats.notes.append(f"step {step}: block-stack residual not finite, history cleared")
             branch.times.clear()
             branch.residuals.clear()
+            branch.stacked = None
             branch.controller.clear_history()
             self._record(step, time, decision, None, computed=True)
             return out
         velocity = None
         if branch.residuals:
-            predicted = extrapolate(
-                branch.times, branch.residuals, time, method=p.method, order=max(decision.order, 0),
-                per_sample=p.per_sample, eps=p.eps, pole_margin=p.pole_margin,
+            predicted = extrapolate_stacked(
+                branch.times, branch.stacked, time, like=branch.residuals[-1], method=p.method,
+                order=max(decision.order, 0), eps=p.eps, pole_margin=p.pole_margin,
             )
             check_error = float(relative_error(residual, predicted, per_sample=p.per_sample).max())
             last, dt = branch.residuals[-1], abs(time - branch.times[-1])
@@ -326,6 +328,7 @@ class TCPadeRuntime:
         branch.times.append(time)
         branch.residuals.append(residual)
         del branch.times[: -p.history_size], branch.residuals[: -p.history_size]
+        branch.stacked = stack_history(branch.residuals, p.per_sample)
         self._record(step, time, decision, check_error, computed=True)
         return out
 

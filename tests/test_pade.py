@@ -22,7 +22,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tcpade_fx import extrapolate, fit_denominator, relative_error
-from tcpade_fx.pade import NODE_TOLERANCE, all_finite
+from tcpade_fx.pade import NODE_TOLERANCE, all_finite, extrapolate_stacked, stack_history
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 K_TOL = 64.0
@@ -460,3 +460,20 @@ def test_bad_arguments_are_errors():
 def test_all_finite_agrees_with_isfinite(values, dtype):
     x = torch.tensor(values, dtype=torch.float32).to(dtype)
     assert all_finite(x) == bool(torch.isfinite(x).all())
+
+
+@given(
+    n=st.integers(1, 4), batch=st.integers(1, 3), seed=st.integers(0, 2**31 - 1),
+    method=st.sampled_from(["pade", "taylor", "reuse"]), order=st.integers(0, 2), per_sample=st.booleans(),
+    damping=st.floats(0.0, 1.0),
+)
+def test_stacked_history_gives_the_same_prediction(n, batch, seed, method, order, per_sample, damping):
+    """The runtime keeps the history stacked between predictions; that path must be the same function."""
+    g = torch.Generator().manual_seed(seed)
+    residuals = [torch.randn(batch, 5, 3, generator=g) for _ in range(n)]
+    times = sorted((torch.rand(n, generator=g) * 0.8 + 0.2).tolist(), reverse=True)
+    assume(len(set(times)) == n)
+    kw = dict(method=method, order=order, damping=damping)
+    want = extrapolate(times, residuals, 0.1, per_sample=per_sample, **kw)
+    got = extrapolate_stacked(times, stack_history(residuals, per_sample), 0.1, like=residuals[-1], **kw)
+    assert torch.equal(want, got)
