@@ -153,7 +153,7 @@ class StepController:
 
         max_skip = p.late_max_skip if stage == "late" else p.mid_max_skip
         tol = p.late_tolerance if stage == "late" else p.mid_tolerance
-        if self.transition:
+        if self.transition and not (self._planning and self._no_budget_for_an_extra_compute(step)):
             max_skip = max_skip // 2
         if self.run_length >= max_skip:
             return done(True, f"max skip {max_skip} reached", tolerance=tol, tsi=self.tsi)
@@ -197,6 +197,10 @@ class StepController:
             if len(plan | self._forced_after(after, plan)) <= budget_left:
                 self.planned = plan
                 return
+
+    def _no_budget_for_an_extra_compute(self, step: int) -> bool:
+        """Whether computing ``step`` off the plan would leave too little for what is forced after it."""
+        return self.computed + 1 + len(self._forced_after(step, set())) > self._budget_total()
 
     def _forced_after(self, after: int, plan: set[int]) -> set[int]:
         """Steps after ``after`` that the last-step rule or ``max_skip`` would compute besides ``plan``."""
@@ -272,7 +276,7 @@ class StepController:
                 return done(False, "planned step postponed: error estimate within tolerance", damping=self.damping,
                             **extra)
             return done(True, "budget plan", **extra)
-        if self.transition and not within and self.computed + 1 < self._budget_total():
+        if self.transition and not within and not self._no_budget_for_an_extra_compute(step):
             return done(True, "trajectory transition: error estimate above tolerance", **extra)
         return done(False, "budget plan", damping=self.damping, **extra)
 
