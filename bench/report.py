@@ -2,8 +2,9 @@
 
     python bench/report.py [--results bench/results] [--out BENCHMARKS.md]
 
-For every TC-Padé row it lists the rows that beat it on both axes (measured speedup and PSNR vs full, or
-speedup and FD): the honest "where TC-Padé does not win" list.
+For every TC-Padé row it lists the rows that beat it on both axes (measured speedup and PSNR vs full): the
+honest "where TC-Padé does not win" list. FD at the benchmark's 100 samples is too noisy to rank rows (see the
+table header); bench/fd_study.py compares FD at 1,000 samples.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def load(results: Path) -> list[dict]:
     """Latest row per configuration; speedups re-measured by bench/timing.py replace the benchmark's own."""
     rows, timings = [], {}
     for path in sorted(results.glob("*.jsonl")):
+        if path.name.startswith("fd-"):  # bench/fd_study.py's rows (1,000 samples): bench/FD_STUDY.md
+            continue
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if path.name.startswith("timing-"):
             timings.update({(t["model"], t["steps"], t["label"]): t for t in lines})
@@ -85,9 +88,11 @@ def write_markdown(rows: list[dict], out: Path) -> None:
         "the *busy machine* column keeps the benchmark's own measurement taken while other jobs shared the two "
         "cores. *PSNR/SSIM vs full*: against the full run of the same scheduler. *PSNR vs converged*: against "
         "100 UniPC steps from the same noise. FD/KID: in the bundled classifier's feature space against the 5,000 "
-        "real digits, comparable only at equal sample counts (at 100 samples the full runs themselves differ by "
-        "about 1, so FD does not separate the rows here). KID is recorded in the JSONL but not shown: the rows of "
-        "this run computed it on unscaled features, fixed since in `tcpade_fx.metrics`.",
+        "real digits, comparable only at equal sample counts. At 100 samples FD does not rank rows: ten disjoint "
+        "100-seed subsets of the same full run (mnist-dit, 28 steps) gave FD 31.3–52.9 (SD 6.2), so the lists "
+        "below judge speedup and PSNR only, and FD is compared at 1,000 samples, against a measured noise level, "
+        "in [bench/FD_STUDY.md](bench/FD_STUDY.md). KID is recorded in the JSONL but not shown: the first rows "
+        "computed it on unscaled features (fixed since in `tcpade_fx.metrics`; FD_STUDY shows KID).",
         "",
     ]
     for (model, steps, samples), group in sorted(groups.items()):
@@ -105,16 +110,11 @@ def write_markdown(rows: list[dict], out: Path) -> None:
             if r["family"] != "tcpade":
                 continue
             by_psnr = dominated_by(r, group, "psnr_full", True)
-            by_fd = dominated_by(r, group, "fd", False)
-            if not by_psnr and not by_fd:
-                lines.append(f"- **{r['label']}**: no row beats it on both speedup and PSNR, nor on both speedup and FD.")
+            if not by_psnr:
+                lines.append(f"- **{r['label']}**: no row beats it on both speedup and PSNR.")
             else:
-                if by_psnr:
-                    lines.append(f"- **{r['label']}** is beaten on speedup and PSNR by: "
-                                 + ", ".join(f"{o['label']} ({o['speedup']:.2f}x, {o['psnr_full']:.2f} dB)" for o in by_psnr))
-                if by_fd:
-                    lines.append(f"- **{r['label']}** is beaten on speedup and FD by: "
-                                 + ", ".join(f"{o['label']} ({o['speedup']:.2f}x, FD {o['fd']:.2f})" for o in by_fd))
+                lines.append(f"- **{r['label']}** is beaten on speedup and PSNR by: "
+                             + ", ".join(f"{o['label']} ({o['speedup']:.2f}x, {o['psnr_full']:.2f} dB)" for o in by_psnr))
         lines.append("")
     out.write_text("\n".join(lines))
 

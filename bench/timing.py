@@ -43,6 +43,11 @@ def configuration(row: dict):
         method, order = ("reuse", 0) if m[1] == "reuse" else ("taylor", int(m[2]))
         return euler, Policy(method=method, order=order, late_order=min(order, 1), schedule="explicit",
                              mask=row["schedule"]), n
+    if (m := re.fullmatch(r"(reuse|Taylor-(\d)|Padé \[1/1\]) fixed every \d+", label)) and row.get("schedule"):
+        method, order = ("reuse", 0) if m[1] == "reuse" else ("taylor", int(m[2])) if m[2] else ("pade", 1)
+        # the row's own schedule replayed: the same computed steps, hence the same cost as the fixed policy
+        return euler, Policy(method=method, order=order, late_order=order, schedule="explicit",
+                             mask=row["schedule"]), n
     return None
 
 
@@ -53,7 +58,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--match", default=r"TC-Padé|fewer steps", help="regex on the row labels to re-time")
+    ap.add_argument("--match", default=r"TC-Padé|fewer steps|full|schedule|fixed", help="regex on the row labels to re-time")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = Path(args.results)
