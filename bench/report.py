@@ -67,6 +67,8 @@ def dominated_by(row: dict, others: list[dict], key: str, higher_is_better: bool
     for o in others:
         if o is row or o["family"] == "full" or o.get(key) is None or row.get(key) is None:
             continue
+        if o.get("full", "euler") != row.get("full", "euler"):  # PSNR against another scheduler's full run
+            continue
         if o["speedup"] >= row["speedup"] and better(o[key], row[key]) and (
             o["speedup"] > row["speedup"] or o[key] != row[key]
         ):
