@@ -54,7 +54,8 @@ class Policy:
     Schedule:
         schedule: ``"adaptive"`` (error-controlled horizon) or ``"fixed"`` (compute every ``interval``-th step
             after the early stage, the TaylorSeer/FORA-style baseline).
-        interval: period of the fixed schedule.
+        interval: period of the fixed schedule (which ignores ``max_skip``, the tolerances and the budget: it is
+            the baseline, computing every ``interval``-th step after the early stage, and the last step).
         mask: the explicit schedule, one character per step (``C`` compute, ``.`` predict), e.g. to replay another
             policy's schedule with a different extrapolant; steps beyond the mask are computed.
     """
