@@ -16,6 +16,50 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def tiny_flux_transformer() -> torch.nn.Module:
+    """The tiny FluxTransformer2DModel (2 dual + 2 single blocks, 8 channels) of the tests and tiny pipelines."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=8, out_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def tiny_wan_transformer() -> torch.nn.Module:
+    """The tiny WanTransformer3DModel (2 blocks, 4 latent channels)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def tiny_sd3_transformer() -> torch.nn.Module:
+    """The tiny SD3Transformer2DModel (2 joint blocks, 8×8 latents)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()
+
+
+def tiny_pixart_transformer() -> torch.nn.Module:
+    """The tiny PixArtTransformer2DModel (2 blocks, 8×8 latents, 24-d captions)."""
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=24, norm_num_groups=1,
+        use_additional_conditions=False,
+    ).eval()
+
+
 def tiny_dit(batch: int = 2, seed: int = 0) -> TinyCase:
     from diffusers import DiTTransformer2DModel
 
@@ -35,14 +79,8 @@ def tiny_dit(batch: int = 2, seed: int = 0) -> TinyCase:
 
 
 def tiny_flux(batch: int = 2, seed: int = 0, image_tokens: int = 16, text_tokens: int = 8) -> TinyCase:
-    from diffusers import FluxTransformer2DModel
-
     torch.manual_seed(seed)
-    m = FluxTransformer2DModel(
-        patch_size=1, in_channels=8, out_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    m = tiny_flux_transformer()
     g = _gen(seed)
     side = int(image_tokens**0.5)
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
@@ -60,14 +98,8 @@ def tiny_flux(batch: int = 2, seed: int = 0, image_tokens: int = 16, text_tokens
 
 
 def tiny_wan(batch: int = 1, seed: int = 0) -> TinyCase:
-    from diffusers import WanTransformer3DModel
-
     torch.manual_seed(seed)
-    m = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    m = tiny_wan_transformer()
     g = _gen(seed)
     kw = dict(
         hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
@@ -79,14 +111,8 @@ def tiny_wan(batch: int = 1, seed: int = 0) -> TinyCase:
 
 
 def tiny_sd3(batch: int = 2, seed: int = 0) -> TinyCase:
-    from diffusers import SD3Transformer2DModel
-
     torch.manual_seed(seed)
-    m = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-        pos_embed_max_size=16,
-    ).eval()
+    m = tiny_sd3_transformer()
     g = _gen(seed)
     kw = dict(
         hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
@@ -99,14 +125,8 @@ def tiny_sd3(batch: int = 2, seed: int = 0) -> TinyCase:
 
 
 def tiny_pixart(batch: int = 2, seed: int = 0) -> TinyCase:
-    from diffusers import PixArtTransformer2DModel
-
     torch.manual_seed(seed)
-    m = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=24, norm_num_groups=1,
-        use_additional_conditions=False,
-    ).eval()
+    m = tiny_pixart_transformer()
     g = _gen(seed)
     kw = dict(
         hidden_states=torch.randn(batch, 4, 8, 8, generator=g),

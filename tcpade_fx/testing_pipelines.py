@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from .testing import tiny_flux_transformer, tiny_pixart_transformer, tiny_sd3_transformer, tiny_wan_transformer
+
 TinyPipelineCase = tuple[object, dict]
 
 
@@ -52,14 +54,10 @@ def tiny_dit_pipeline(seed: int = 0, guidance_scale: float = 4.0) -> TinyPipelin
 
 def tiny_flux_pipeline(seed: int = 0, true_cfg_scale: float = 1.0) -> TinyPipelineCase:
     """FluxPipeline on prompt embeddings; ``true_cfg_scale > 1`` adds a separate negative call per step."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=8, out_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    transformer = tiny_flux_transformer()
     vae = _tiny_vae(2, shift_factor=0.1)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
@@ -83,15 +81,11 @@ def tiny_flux_pipeline(seed: int = 0, true_cfg_scale: float = 1.0) -> TinyPipeli
 
 def tiny_wan_pipeline(seed: int = 0, guidance_scale: float = 5.0) -> TinyPipelineCase:
     """WanPipeline (video): classifier-free guidance as two separate transformer calls per step."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
     torch.manual_seed(seed)
     z = 4
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=z, out_channels=z,
-        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    transformer = tiny_wan_transformer()
     vae = AutoencoderKLWan(
         base_dim=4, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
         latents_mean=[0.0] * z, latents_std=[1.0] * z,
@@ -112,14 +106,10 @@ def tiny_wan_pipeline(seed: int = 0, guidance_scale: float = 5.0) -> TinyPipelin
 
 def tiny_sd3_pipeline(seed: int = 0, guidance_scale: float = 4.0) -> TinyPipelineCase:
     """StableDiffusion3Pipeline on prompt embeddings: batched CFG (one call per step with a doubled batch)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-        pos_embed_max_size=16,
-    ).eval()
+    transformer = tiny_sd3_transformer()
     vae = _tiny_vae(4, shift_factor=0.1)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
@@ -140,14 +130,10 @@ def tiny_sd3_pipeline(seed: int = 0, guidance_scale: float = 4.0) -> TinyPipelin
 
 def tiny_pixart_pipeline(seed: int = 0, guidance_scale: float = 4.5) -> TinyPipelineCase:
     """PixArtSigmaPipeline on prompt embeddings and attention masks: batched CFG."""
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
     torch.manual_seed(seed)
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=24, norm_num_groups=1,
-        use_additional_conditions=False,
-    ).eval()
+    transformer = tiny_pixart_transformer()
     vae = _tiny_vae(4)
     pipe = PixArtSigmaPipeline(
         tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=DPMSolverMultistepScheduler(),
