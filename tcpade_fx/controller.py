@@ -105,6 +105,9 @@ class StepController:
             return "early"
         return "late" if s >= self.policy.late_start else "mid"
 
+    def _stage_max_skip(self, stage: str) -> int:
+        return self.policy.late_max_skip if stage == "late" else self.policy.mid_max_skip
+
     def _stage_order(self, stage: str) -> int:
         return self.policy.late_order if stage == "late" else self.policy.order
 
@@ -151,7 +154,7 @@ class StepController:
                 return done(True, f"fixed schedule (every {p.interval})")
             return done(False, f"fixed schedule (every {p.interval})", damping=1.0)
 
-        max_skip = p.late_max_skip if stage == "late" else p.mid_max_skip
+        max_skip = self._stage_max_skip(stage)
         tol = p.late_tolerance if stage == "late" else p.mid_tolerance
         if self.transition and not (self._planning and self._no_budget_for_an_extra_compute(step)):
             max_skip = max_skip // 2
@@ -207,7 +210,7 @@ class StepController:
         p, n = self.policy, self.num_steps
         forced, run = set(), 0
         for j in range(after + 1, n):
-            cap = p.late_max_skip if self.stage(j, 0.0) == "late" else p.mid_max_skip
+            cap = self._stage_max_skip(self.stage(j, 0.0))
             if j in plan:
                 run = 0
             elif (j == n - 1 and p.compute_last_step) or run >= cap:
@@ -227,7 +230,7 @@ class StepController:
             return set(range(after + 1, n))
         x0 = min(1.0, max(0.0, (after - (w - 1)) / max(n - w, 1))) ** (1.0 / p.budget_warp)
         ends = [after] + [self._warp(x0 + (1.0 - x0) * j / points) for j in range(1, points + 1)]
-        ends[0], ends[-1] = after, n - 1
+        ends[-1] = n - 1  # exactly, whatever the float warp gives
         exact = [b - a for a, b in zip(ends, ends[1:])]
         gaps = [max(1, math.floor(d)) for d in exact]
         order = sorted(range(points), key=lambda j: exact[j] - math.floor(exact[j]), reverse=True)
@@ -244,10 +247,9 @@ class StepController:
     def _fit_gaps_to_stages(self, after: int, gaps: list[int]) -> None:
         """Shorten gaps that a stage's ``max_skip`` would cut anyway (a forced computation off the plan would
         overspend the budget) and lengthen the earlier ones with what they give up, where their stage allows."""
-        p = self.policy
 
         def cap(end: int) -> int:
-            return (p.late_max_skip if self.stage(end - 1, 0.0) == "late" else p.mid_max_skip) + 1
+            return self._stage_max_skip(self.stage(end - 1, 0.0)) + 1
 
         for _ in range(len(gaps)):
             ends = list(itertools.accumulate(gaps, initial=after))[1:]

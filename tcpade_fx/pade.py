@@ -117,12 +117,13 @@ def fit_denominator(
     tau = t - t[-1]
     tau_star = torch.as_tensor(target, dtype=torch.float32, device=device).reshape(()) - t[-1]
     h = _node_scale(tau, tau_star)
-    b_hat = _fit_normalised(tau / h, _stack(residuals, per_sample), tau_star / h, eps, pole_margin)
+    b_hat = _fit_normalised(tau / h, stack_history(residuals, per_sample), tau_star / h, eps, pole_margin)
     return b_hat / h
 
 
-def _stack(residuals: Sequence[Tensor], per_sample: bool) -> Tensor:
-    """(n, B, F) float32 view of the history (one copy)."""
+def stack_history(residuals: Sequence[Tensor], per_sample: bool = True) -> Tensor:
+    """The history as one float32 tensor of shape (n, B, F) (B = 1 unless ``per_sample``), oldest first, in one
+    copy: what :func:`extrapolate_stacked` takes. A runtime that keeps it between predictions saves a copy per step."""
     return torch.stack([_flatten(r, per_sample) for r in residuals])
 
 
@@ -190,12 +191,6 @@ def extrapolate(
         stack_history(residuals[-n_fit:], per_sample), target, like=last, method=method, order=order, eps=eps,
         pole_margin=pole_margin, damping=damping,
     )
-
-
-def stack_history(residuals: Sequence[Tensor], per_sample: bool = True) -> Tensor:
-    """The history as one float32 tensor of shape (n, B, F) (B = 1 unless ``per_sample``), oldest first: what
-    :func:`extrapolate_stacked` takes. A runtime that keeps this between predictions saves a copy per step."""
-    return _stack(residuals, per_sample)
 
 
 def extrapolate_stacked(

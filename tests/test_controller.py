@@ -380,13 +380,9 @@ def test_closed_loop_monotonicity_is_not_guaranteed():
 @st.composite
 def budget_policies(draw):
     """Adaptive policies with a budget, no transition (rise_factor huge) and no postponement (tolerance 0)."""
-    return draws_policy(draw).replace(schedule="adaptive", compute_budget=draw(st.floats(0.05, 1.0)),
-                                      rise_factor=1e300, mid_tolerance=0.0, late_tolerance=0.0,
-                                      budget_warp=draw(st.floats(1.0, 4.0)))
-
-
-def draws_policy(draw):
-    return draw(policies(schedule="adaptive", rise_min=1.001))
+    return draw(policies(schedule="adaptive", rise_min=1.001)).replace(
+        compute_budget=draw(st.floats(0.05, 1.0)), rise_factor=1e300, mid_tolerance=0.0, late_tolerance=0.0,
+        budget_warp=draw(st.floats(1.0, 4.0)))
 
 
 def minimal_computes(policy: Policy, n: int) -> int:
