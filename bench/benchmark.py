@@ -216,8 +216,9 @@ def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bo
             k = fixed_interval_for(n, c, max(early, 3))
             fixed_rows = (("reuse", 0, "reuse"), ("taylor", 1, "Taylor-1"), ("pade", 1, "Padé [1/1]"))
             for method, order, name in fixed_rows if preset == "balanced" else fixed_rows[1:]:
+                # plain Padé (μ = 1): the ablation of the extrapolant alone on a fixed schedule
                 fixed = Policy(method=method, order=order, late_order=order, schedule="fixed", interval=k,
-                               early_end=max(early, 3) / max(1, n - 1))
+                               early_end=max(early, 3) / max(1, n - 1), modulate_denominator=False)
                 b.row(n, f"{name} fixed every {k}", "fixed", lambda: b.pipe(euler(), fixed))
             if preset == "balanced":
                 b.row(n, f"TC-Padé {preset} on UniPC", "tcpade+unipc", lambda: b.pipe(unipc(), policy),

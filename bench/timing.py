@@ -47,7 +47,7 @@ def configuration(row: dict):
         method, order = ("reuse", 0) if m[1] == "reuse" else ("taylor", int(m[2])) if m[2] else ("pade", 1)
         # the row's own schedule replayed: the same computed steps, hence the same cost as the fixed policy
         return euler, Policy(method=method, order=order, late_order=order, schedule="explicit",
-                             mask=row["schedule"]), n
+                             mask=row["schedule"], modulate_denominator=False), n
     return None
 
 

@@ -161,6 +161,7 @@ def extrapolate(
     eps: float = 1e-8,
     pole_margin: float = 0.1,
     damping: float | Tensor = 1.0,
+    modulation: float | Tensor = 1.0,
 ) -> Tensor:
     """Predict the residual at time ``target`` from the history ``(times[j], residuals[j])``, oldest first.
 
@@ -173,6 +174,8 @@ def extrapolate(
         per_sample: fit the denominator per batch element.
         eps, pole_margin: see :func:`fit_denominator`.
         damping: λ in ``R_last + λ·(R̂ − R_last)``; 1 is the undamped extrapolant.
+        modulation: μ, a scalar or one per batch element, in ``R̂ = T + μ·(P − T)`` with ``P`` the Padé and ``T``
+            the polynomial (b = 0) extrapolant on the same nodes; 1 is plain Padé. Ignored by the other methods.
 
     Returns:
         The prediction, in the dtype of the residuals, clamped to that dtype's finite range.
@@ -189,7 +192,7 @@ def extrapolate(
     return extrapolate_stacked(
         list(times)[-n_fit:] if not isinstance(times, Tensor) else times[-n_fit:],
         stack_history(residuals[-n_fit:], per_sample), target, like=last, method=method, order=order, eps=eps,
-        pole_margin=pole_margin, damping=damping,
+        pole_margin=pole_margin, damping=damping, modulation=modulation,
     )
 
 
@@ -204,6 +207,7 @@ def extrapolate_stacked(
     eps: float = 1e-8,
     pole_margin: float = 0.1,
     damping: float | Tensor = 1.0,
+    modulation: float | Tensor = 1.0,
 ) -> Tensor:
     """:func:`extrapolate` on a history already stacked by :func:`stack_history` (``per_sample`` is its B).
 
@@ -227,14 +231,16 @@ def extrapolate_stacked(
     stacked = stacked[-n_fit:]
     n_batch = stacked.shape[1]
 
-    if method == "pade":
-        b = _fit_normalised(u, stacked, u_star, eps, pole_margin)
-    else:
-        b = torch.zeros(n_batch, dtype=torch.float32, device=device)
-
     u_lag = u[-(l_eff + 1):]
     ell = _lagrange_weights(u_lag, u_star)  # (L+1,)
-    coeff = ell[None, :] * (1.0 + b[:, None] * u_lag[None, :]) / (1.0 + b[:, None] * u_star)  # (B, L+1)
+    if method == "pade":
+        b = _fit_normalised(u, stacked, u_star, eps, pole_margin)
+        coeff = ell[None, :] * (1.0 + b[:, None] * u_lag[None, :]) / (1.0 + b[:, None] * u_star)  # (B, L+1)
+        # T + μ·(P − T) is linear in the coefficients, and T's coefficients are the Lagrange weights
+        mu = torch.as_tensor(modulation, dtype=torch.float32, device=device).reshape(-1, 1)
+        coeff = mu * coeff + (1.0 - mu) * ell[None, :]  # exactly Padé's coefficients at μ = 1
+    else:
+        coeff = ell[None, :].expand(n_batch, -1)
     # the safeguards and the damping act on the coefficients, not on the tensors: R̃ = Σ c_j R_j in one pass
     reuse = torch.zeros_like(coeff)
     reuse[:, -1] = 1.0
@@ -273,3 +279,19 @@ def relative_error(actual: Tensor, predicted: Tensor, *, per_sample: bool = True
     scale = torch.clamp(a.abs().amax(dim=1, keepdim=True), min=_TINY)
     a, p = a / scale, p / scale
     return torch.linalg.vector_norm(a - p, dim=1) / (torch.linalg.vector_norm(a, dim=1) + eps)
+
+
+def fit_modulation(
+    actual: Tensor, pade: Tensor, taylor: Tensor, *, per_sample: bool = True, default: float | Tensor = 1.0
+) -> Tensor:
+    """The modulation μ ∈ [0, 1] that would have predicted ``actual`` best as ``taylor + μ·(pade − taylor)``
+    (least squares; shape (B,) or (1,)). Where the two extrapolants agree to float32 rounding (e.g. b = 0) μ is
+    not identifiable and ``default`` (a scalar or one per batch element) is returned."""
+    a, p, t = (_flatten(x, per_sample) for x in (actual, pade, taylor))
+    scale = torch.clamp(torch.maximum(a.abs().amax(dim=1), p.abs().amax(dim=1)), min=_TINY)[:, None]
+    diff = (p - t) / scale
+    energy = torch.linalg.vecdot(diff, diff, dim=1)
+    mu = torch.linalg.vecdot((a - t) / scale, diff, dim=1) / torch.clamp(energy, min=_TINY)
+    noise = diff.shape[1] * (_ROUNDING_ULPS * torch.finfo(torch.float32).eps) ** 2
+    fallback = torch.as_tensor(default, dtype=torch.float32, device=mu.device).expand_as(mu)
+    return torch.where((energy > noise) & torch.isfinite(mu), mu.clamp(0.0, 1.0), fallback)

@@ -34,6 +34,10 @@ class Policy:
         eps: regulariser of the least-squares denominator fit (relative, data are normalised first).
         pole_margin: δ; the denominator ``1 + b·τ`` must stay above it between the oldest node and the target.
     Adaptive coefficient modulation:
+        modulate_denominator: after each computed step, fit μ ∈ [0, 1] in ``T + μ·(P − T)`` (``P`` the Padé,
+            ``T`` its b = 0 polynomial extrapolant on the same nodes) to the residual just computed, and predict
+            with it until the next computed step (only for ``method="pade"``).
+        modulation_smoothing: weight of the newest μ in its running value (1: the newest alone).
         lambda_min: lower bound of the damping λ applied when the a-posteriori error rises.
         rise_factor: an error above ``rise_factor`` × its running level is a trajectory transition.
         error_smoothing: weight of the newest error in the running level (exponential average).
@@ -67,6 +71,8 @@ class Policy:
     per_sample: bool = True
     eps: float = 1e-8
     pole_margin: float = 0.1
+    modulate_denominator: bool = True
+    modulation_smoothing: float = 0.5
     lambda_min: float = 0.5
     rise_factor: float = 2.0
     error_smoothing: float = 0.5
@@ -112,6 +118,7 @@ class Policy:
             ("pole_margin", 0.0, 1.0),
             ("lambda_min", 0.0, 1.0),
             ("error_smoothing", 0.0, 1.0),
+            ("modulation_smoothing", 0.0, 1.0),
             ("early_end", 0.0, 1.0),
             ("late_start", 0.0, 1.0),
         ):

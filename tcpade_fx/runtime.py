@@ -25,7 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .controller import StepController
-from .pade import all_finite, extrapolate_stacked, relative_error, stack_history
+from .pade import all_finite, extrapolate_stacked, fit_modulation, relative_error, stack_history
 from .passes import BlockStackPlan, capture_graph, flatten_call, locate_block_stack, rewrite_and_verify
 from .policy import Policy
 
@@ -44,6 +44,7 @@ class StepRecord:
     reason: str
     order: int
     damping: float
+    modulation: float | None  # predicted steps with Policy.modulate_denominator: the μ used (batch mean)
     error_estimate: float | None
     check_error: float | None  # computed steps: relative error the prediction would have had here
 
@@ -127,6 +128,7 @@ class _Branch:
     times: list[float] = field(default_factory=list)
     residuals: list[torch.Tensor] = field(default_factory=list)
     stacked: torch.Tensor | None = None  # the residuals as stack_history() gives them, rebuilt on each push
+    modulation: torch.Tensor | float = 1.0  # μ of Policy.modulate_denominator, one per batch element
 
 
 class TCPadeRuntime:
@@ -294,15 +296,21 @@ class TCPadeRuntime:
         step = self._step
         decision = branch.controller.decide(step, time)
         check_error = None
+        # the controller's effective order: on two history points Padé [0/1], not the Taylor-1 that
+        # extrapolate(order=1) would substitute; measured on mnist-dit, 20 steps, "balanced" (48 seeds, the first
+        # prediction has two points): 37.1 dB with [0/1], 32.4 dB with Taylor-1
         if not decision.compute:
             residual = extrapolate_stacked(
                 branch.times, branch.stacked, time, like=branch.residuals[-1], method=p.method,
-                order=max(decision.order, 0), eps=p.eps, pole_margin=p.pole_margin, damping=decision.damping,
+                order=max(decision.order, 0), eps=p.eps, pole_margin=p.pole_margin,
+                damping=decision.damping, modulation=branch.modulation,
             )
             if all_finite(residual):
                 out = graphs.predict(*leaves, residual)
                 branch.controller.record_predict()
-                self._record(step, time, decision, None)
+                modulated = p.method == "pade" and p.modulate_denominator
+                mu = float(torch.as_tensor(branch.modulation).mean()) if modulated else None
+                self._record(step, time, decision, None, modulation=mu)
                 return out
             self.stats.notes.append(f"step {step}: predicted residual not finite, computed instead")
         *out, residual = graphs.compute(*leaves)
@@ -311,15 +319,13 @@ class TCPadeRuntime:
             branch.times.clear()
             branch.residuals.clear()
             branch.stacked = None
+            branch.modulation = 1.0
             branch.controller.clear_history()
             self._record(step, time, decision, None, computed=True)
             return out
         velocity = None
         if branch.residuals:
-            predicted = extrapolate_stacked(
-                branch.times, branch.stacked, time, like=branch.residuals[-1], method=p.method,
-                order=max(decision.order, 0), eps=p.eps, pole_margin=p.pole_margin,
-            )
+            predicted = self._check_and_modulate(branch, residual, time, max(decision.order, 0))
             check_error = float(relative_error(residual, predicted, per_sample=p.per_sample).max())
             last, dt = branch.residuals[-1], abs(time - branch.times[-1])
             if dt > 0:
@@ -332,11 +338,27 @@ class TCPadeRuntime:
         self._record(step, time, decision, check_error, computed=True)
         return out
 
-    def _record(self, step, time, decision, check_error, computed: bool = False) -> None:
+    def _check_and_modulate(self, branch: _Branch, residual: torch.Tensor, time: float, order: int) -> torch.Tensor:
+        """What the branch would have predicted at this computed step; with ``modulate_denominator``, also fit the
+        modulation μ to this residual for the predictions that follow."""
+        p = self.policy
+        kw = dict(like=branch.residuals[-1], order=order, eps=p.eps, pole_margin=p.pole_margin)
+        if not (p.method == "pade" and p.modulate_denominator):
+            return extrapolate_stacked(branch.times, branch.stacked, time, method=p.method, **kw)
+        pade = extrapolate_stacked(branch.times, branch.stacked, time, method="pade", **kw)
+        taylor = extrapolate_stacked(branch.times, branch.stacked, time, method="taylor", **kw)
+        mu = torch.as_tensor(branch.modulation, dtype=torch.float32)
+        predicted = (taylor + mu.reshape(-1, *[1] * (taylor.dim() - 1)) * (pade - taylor)).to(taylor.dtype)
+        fitted = fit_modulation(residual, pade, taylor, per_sample=p.per_sample, default=mu)
+        a = p.modulation_smoothing
+        branch.modulation = a * fitted + (1 - a) * mu
+        return predicted
+
+    def _record(self, step, time, decision, check_error, computed: bool = False, modulation=None) -> None:
         self.stats.records.append(
             StepRecord(
                 step=step, branch=self._branch, time=time, computed=computed, stage=decision.stage,
-                reason=decision.reason, order=decision.order, damping=decision.damping,
+                reason=decision.reason, order=decision.order, damping=decision.damping, modulation=modulation,
                 error_estimate=decision.error_estimate, check_error=check_error,
             )
         )

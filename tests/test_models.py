@@ -53,6 +53,19 @@ def test_balanced_is_faithful_and_beats_fewer_steps_at_equal_compute(name, laten
     )
 
 
+def test_the_fitted_modulation_moves_the_predictions(latents):
+    """After each computed step μ is fitted per sample and the following predictions use it: within [0, 1], not
+    stuck at 1 (plain Padé, which is what modulate_denominator=False predicts with)."""
+    policy = tcpade_fx.Policy.preset("balanced")
+    on = tcpade_fx.compile(models.load("mnist-dit"), policy=policy)
+    off = tcpade_fx.compile(models.load("mnist-dit"), policy=policy.replace(modulate_denominator=False))
+    modulated, plain = sample(on, latents), sample(off, latents)
+    mus = [r.modulation for r in on.tcpade.stats.records if not r.computed]
+    assert mus and all(0.0 <= m <= 1.0 for m in mus) and min(mus) < 0.95, mus
+    assert all(r.modulation is None for r in off.tcpade.stats.records)
+    assert not torch.equal(modulated, plain)
+
+
 def test_a_list_of_generators_seeds_each_image(latents):
     pipe = models.load("mnist-dit")
     both = pipe([3, 7], generator=[torch.Generator().manual_seed(s) for s in (5, 6)], num_inference_steps=4,

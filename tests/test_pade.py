@@ -22,7 +22,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tcpade_fx import extrapolate, fit_denominator, relative_error
-from tcpade_fx.pade import NODE_TOLERANCE, all_finite, extrapolate_stacked, stack_history
+from tcpade_fx.pade import NODE_TOLERANCE, all_finite, extrapolate_stacked, fit_modulation, stack_history
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 K_TOL = 64.0
@@ -408,7 +408,59 @@ def test_damping_interpolates_linearly(case, lam, as_tensor):
     damped = extrapolate(times, hist, target, method=method, order=order, damping=damping).double()
     last = hist[-1].double()
     expected = last + lam * (full - last)
-    assert_within(damped, expected, 4 * EPS32 * max_abs(full, last), f"damping {lam}")
+    # the coefficients of a far extrapolation are large: rounding scales with the conditioning, not with |R|
+    tol = 4 * EPS32 * max_abs(full, last) * max(1.0, conditioning(times, target))
+    assert_within(damped, expected, tol, f"damping {lam}")
+
+
+# -- modulation of the denominator ------------------------------------------------------------------------------
+@FAST
+@given(case=generic_history(), mu=st.floats(0.0, 1.0), per_sample=st.booleans(), as_tensor=st.booleans())
+def test_modulation_interpolates_between_taylor_and_pade(case, mu, per_sample, as_tensor):
+    """μ = 0 is the polynomial extrapolant on the same nodes, μ = 1 plain Padé, linear in between."""
+    _, order, times, target, hist = case
+    kw = dict(order=order, per_sample=per_sample)
+    pade = extrapolate(times, hist, target, method="pade", **kw).double()
+    taylor_nodes = extrapolate(times, hist, target, method="pade", modulation=0.0, **kw).double()
+    # Padé [L/1] interpolates its numerator on the newest L + 1 nodes, so b = 0 is Taylor-L there (two points and
+    # order ≥ 1: Taylor-1 replaces Padé [0/1] and the modulation has nothing to move)
+    l_eff = 1 if (len(hist) == 2 and order >= 1) else min(order, len(hist) - 2)
+    taylor = extrapolate(times, hist, target, method="taylor", order=l_eff, per_sample=per_sample).double()
+    m = torch.tensor(mu) if as_tensor else mu
+    mixed = extrapolate(times, hist, target, method="pade", modulation=m, **kw).double()
+    scale = 8 * EPS32 * max_abs(pade, taylor) * max(1.0, conditioning(times, target))
+    assert_within(taylor_nodes, taylor, scale, "modulation 0 vs taylor")
+    assert_within(mixed, taylor + mu * (pade - taylor), scale, f"modulation {mu}")
+
+
+@FAST
+@given(
+    shape=shapes, seed=st.integers(0, 2**31 - 1), per_sample=st.booleans(),
+    mu=st.floats(-2.0, 3.0), noise=st.floats(0.0, 1e-3),
+)
+def test_fit_modulation_recovers_the_mixing_weight(shape, seed, per_sample, mu, noise):
+    """A residual equal to T + μ·(P − T) (plus noise orthogonal-ish and small) gives back μ, clipped to [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    pade, taylor = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    actual = taylor + mu * (pade - taylor) + noise * torch.randn(*shape, generator=g)
+    got = fit_modulation(actual, pade, taylor, per_sample=per_sample)
+    assert got.shape == ((shape[0],) if per_sample else (1,))
+    assert torch.all((got >= 0) & (got <= 1))
+    diff_norm = float((pade - taylor).reshape(got.shape[0], -1).norm(dim=1).min())
+    slack = 1e-4 + 4 * noise * math.sqrt(pade.numel()) / max(diff_norm, 1e-12)
+    assert torch.all((got - min(max(mu, 0.0), 1.0)).abs() <= slack), (got, mu)
+
+
+@FAST
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), default=st.floats(0.0, 1.0))
+def test_fit_modulation_keeps_the_default_where_the_extrapolants_agree(shape, seed, default):
+    g = torch.Generator().manual_seed(seed)
+    same = torch.randn(*shape, generator=g)
+    actual = torch.randn(*shape, generator=g)
+    got = fit_modulation(actual, same, same.clone(), default=default)
+    assert torch.allclose(got, torch.full_like(got, default))
+    got = fit_modulation(actual, same, same.clone(), default=torch.full((shape[0],), default))
+    assert torch.allclose(got, torch.full_like(got, default))
 
 
 # -- relative_error ----------------------------------------------------------------------------------------------
