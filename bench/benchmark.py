@@ -1,8 +1,10 @@
 """The benchmark: TC-Padé against every baseline and peer on the bundled trained models, at equal compute.
 
-    python bench/benchmark.py                                   # both models, 20/28/50 steps, 200 samples
+    python bench/benchmark.py                                   # both models, 20/28/50 steps, 100 samples, then the report
     python bench/benchmark.py --models mnist-dit --steps 20 28 --samples 100
-    python bench/report.py                                      # BENCHMARKS.md + pareto.png from the results
+    python bench/report.py                                      # only BENCHMARKS.md + pareto.png from the results
+
+It ends by writing BENCHMARKS.md and bench/pareto.png from every row in the results folder (bench/report.py).
 
 Rows are appended to bench/results/<model>.jsonl as they finish; a rerun skips rows already there (resumable).
 Same seeds (latents) for every row. Per row:
@@ -53,7 +55,9 @@ def unipc():
 
 
 class Bench:
-    def __init__(self, model: str, samples: int, timing_samples: int, repeats: int, batch: int):
+    def __init__(self, model: str, samples: int, timing_samples: int, repeats: int, batch: int,
+                 fd_only: bool = False):
+        self.fd_only = fd_only
         self.model = model
         self.samples = samples
         self.repeats = repeats
@@ -136,7 +140,7 @@ class Bench:
         run_steps = run_steps or steps
         full_name, full_make = full_of or ("euler", lambda: self.pipe(euler()))
         full = self.reference(full_name, full_make, steps)
-        converged = self.reference("converged", lambda: self.pipe(unipc()), 100)
+        converged = None if self.fd_only else self.reference("converged", lambda: self.pipe(unipc()), 100)
         pipe = make()
         t0 = time.perf_counter()
         images = self.sample(pipe, run_steps)
@@ -150,16 +154,17 @@ class Bench:
         else:
             computed = run_steps / steps
             schedule = None
-        speedup = self.time_ratio(full_make(), steps, pipe, run_steps)
+        speedup = None if self.fd_only else self.time_ratio(full_make(), steps, pipe, run_steps)
         with torch.no_grad():
             feats = self.classifier.features(images)
             accuracy = (self.classifier.head(feats).argmax(1) == torch.tensor(self.labels)).float().mean().item()
         result = {
             "model": self.model, "steps": steps, "label": label, "family": family, "samples": self.samples,
             "compute": round(computed, 4), "computed_steps": round(computed * steps, 2),
-            "speedup": round(speedup, 3), "ideal_speedup": round(1 / computed, 3) if computed else None,
+            "speedup": None if speedup is None else round(speedup, 3),
+            "ideal_speedup": round(1 / computed, 3) if computed else None,
             "psnr_full": round(metrics.psnr(full, images), 3), "ssim_full": round(metrics.ssim(full, images), 4),
-            "psnr_converged": round(metrics.psnr(converged, images), 3),
+            "psnr_converged": None if converged is None else round(metrics.psnr(converged, images), 3),
             "fd": round(metrics.frechet_distance(self.real_feats, feats), 3),
             "kid": round(metrics.kernel_inception_distance(self.real_feats, feats), 5),
             "accuracy": round(accuracy, 4), "schedule": schedule, "seconds": round(seconds, 1),
@@ -167,12 +172,15 @@ class Bench:
         }
         if extra:
             result.update({k: v for k, v in extra.items() if k != "compute"})
+        if self.fd_only:
+            result["fd_only"] = True
         with self.out_path.open("a") as f:
             f.write(json.dumps(result) + "\n")
         self.done[(steps, label, self.samples)] = result
-        print(f"{self.model} N={steps} {label:<34} compute {computed:5.2f} speedup {speedup:4.2f} "
-              f"PSNR {result['psnr_full']:6.2f} conv {result['psnr_converged']:6.2f} FD {result['fd']:7.2f} "
-              f"acc {accuracy:.3f}", flush=True)
+        timing = "" if speedup is None else f" speedup {speedup:4.2f}"
+        conv = "" if converged is None else f" conv {result['psnr_converged']:6.2f}"
+        print(f"{self.model} N={steps} {label:<34} compute {computed:5.2f}{timing} PSNR {result['psnr_full']:6.2f}"
+              f"{conv} FD {result['fd']:7.2f} KID {result['kid']:.5f} acc {accuracy:.3f}", flush=True)
         return result
 
 
@@ -236,7 +244,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["mnist-dit", "mnist-flux"])
     ap.add_argument("--steps", nargs="+", type=int, default=[20, 28, 50])
     ap.add_argument("--presets", nargs="+", default=["quality", "balanced", "fast"])
-    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--timing-samples", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=100)
@@ -244,6 +252,9 @@ def main() -> None:
     ap.add_argument("--peers-only", action="store_true", help="run only the peer rows (e.g. beside a --no-peers run)")
     ap.add_argument("--core-only", action="store_true", help="only full, TC-Padé presets and fewer-steps rows")
     ap.add_argument("--results", default=str(RESULTS), help="folder of the resumable JSONL results")
+    ap.add_argument("--fd-only", action="store_true",
+                    help="no timing and no converged reference: the rows' FD/KID/PSNR at a large --samples (the "
+                         "report adds them to the tables of the same model and steps)")
     args = ap.parse_args()
     RESULTS = Path(args.results)
     torch.set_num_threads(1)
@@ -251,8 +262,11 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT / "bench"))
     for model in args.models:
-        bench = Bench(model, args.samples, args.timing_samples, args.repeats, args.batch)
+        bench = Bench(model, args.samples, args.timing_samples, args.repeats, args.batch, args.fd_only)
         run_model(bench, args.steps, args.presets, not args.no_peers, args.peers_only, args.core_only)
+    from report import write_report  # bench/report.py
+
+    write_report(RESULTS)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 For each model, step count and budget: the "balanced" plan at that budget (``fast``'s stage settings at budgets
 below 0.3) predicted with plain Padé [1/1] (μ = 1), with the fitted μ, and with Taylor-1 on the very schedule the
-fitted run took; PSNR against the full run of the same seeds (1000.., not the benchmark's). The table is
+fitted run took; and, at the same number of block-stack evaluations, simply running fewer steps with Euler and
+with UniPC. PSNR against the full run of the same seeds (1000.., not the benchmark's). The table is
 bench/MODULATION_STUDY.md.
 """
 
@@ -19,8 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tcpade_fx  # noqa: E402
+from benchmark import euler, unipc  # noqa: E402
 from tcpade_fx import Policy, metrics, models  # noqa: E402
 
 
@@ -35,17 +38,19 @@ def main() -> None:
     seeds = list(range(1000, 1000 + args.samples))
     labels = [s % 10 for s in seeds]
     latents = metrics.seeded_latents(seeds)
-    pipes = {m: models.load(m) for m in args.models}
 
-    def sample(model, n, policy=None):
+    def sample(model, n, policy=None, scheduler=None):
         pipe = models.load(model)
+        if scheduler is not None:
+            pipe.scheduler = scheduler
         if policy is not None:
             tcpade_fx.compile(pipe, policy=policy)
         images = pipe(labels, latents=latents, num_inference_steps=n, guidance_scale=1.5, output_type="pt").images
         return images, (pipe.tcpade.stats if policy is not None else None)
 
-    print("| model | N | budget | compute | Padé μ=1 | Padé, fitted μ | Taylor-1, same schedule | median μ | schedule |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | N | budget | compute | Padé μ=1 | Padé, fitted μ | Taylor-1, same schedule | fewer steps Euler "
+          "| fewer steps UniPC | median μ | schedule |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model, n in itertools.product(args.models, args.steps):
         full, _ = sample(model, n)
         for budget in args.budgets:
@@ -56,9 +61,11 @@ def main() -> None:
             taylor, _ = sample(model, n, Policy(method="taylor", schedule="explicit", mask=schedule))
             mus = [m for r in stats.records if (m := r.modulation) is not None]
             mu = sorted(mus)[len(mus) // 2] if mus else float("nan")
-            print(f"| {model} | {n} | {budget:.2f} | {schedule.count('C') / n:.3f} | {metrics.psnr(full, plain):.2f} "
-                  f"| {metrics.psnr(full, fitted):.2f} | {metrics.psnr(full, taylor):.2f} | {mu:.2f} | `{schedule}` |",
-                  flush=True)
+            c = schedule.count("C")
+            fewer = [metrics.psnr(full, sample(model, c, scheduler=s())[0]) for s in (euler, unipc)]
+            print(f"| {model} | {n} | {budget:.2f} | {c / n:.3f} | {metrics.psnr(full, plain):.2f} "
+                  f"| {metrics.psnr(full, fitted):.2f} | {metrics.psnr(full, taylor):.2f} | {fewer[0]:.2f} "
+                  f"| {fewer[1]:.2f} | {mu:.2f} | `{schedule}` |", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,13 @@ spent the budget early, left uneven node spacing (an extrapolation far beyond th
 trajectory transition with the estimate above tolerance computes before the planned step, an estimate within
 tolerance at a planned step postpones it (each within ``max_skip``), and the re-plan spreads what is left.
 
-Adaptive coefficient modulation: ``TSI_k`` above ``rise_factor`` × its running level (at the same order), or a
-normalised residual velocity ``‖R_k − R_{k−1}‖ / (‖R_{k−1}‖·|t_k − t_{k−1}|)`` above ``rise_factor`` × its running
-level, marks a trajectory transition. Only then (METHOD.md: damping hurts Padé on smooth stretches) the prediction
+Adaptive coefficient modulation has two parts. The runtime (not this controller: it needs the tensors) fits, after
+every computed step, how far the prediction should follow Padé's denominator: μ in ``T + μ·(P − T)``, P the Padé
+and T its b = 0 polynomial prediction of the residual just computed (least squares per sample, clipped to [0, 1],
+a running average; Policy.modulate_denominator, bench/MODULATION_STUDY.md). And the controller damps: ``TSI_k``
+above ``rise_factor`` × its running level (at the same order), or a normalised residual velocity
+``‖R_k − R_{k−1}‖ / (‖R_{k−1}‖·|t_k − t_{k−1}|)`` above ``rise_factor`` × its running level, marks a trajectory
+transition. Only then (METHOD.md: damping hurts Padé on smooth stretches) the prediction
 is damped toward the last residual, ``λ = max(λ_min, rise_factor·TSI_level / TSI_k)``, and the next run is limited
 to half the stage's ``max_skip``. The rise is judged on the horizon-normalised ``TSI_k``, not on the raw ``e_k``:
 ``e_k`` grows like ``ω_k`` with the length of the run that preceded step k, so comparing raw errors flagged a

@@ -8,8 +8,10 @@ the block stack, builds the compute/predict graphs and hands them to the backend
    classifier-free-guidance branches of the same step (one history per branch), a new time is the next step, and a
    time above the previous one starts a new trajectory (noted in the stats when no pipeline announced it);
 2. asks the branch's :class:`~tcpade_fx.controller.StepController` to compute or predict;
-3. computes (and checks what it would have predicted, feeding the a-posteriori error back) or predicts the residual
-   with :func:`~tcpade_fx.pade.extrapolate_stacked` and runs the predict graph.
+3. computes (and checks what it would have predicted, feeding the a-posteriori error back; with
+   ``Policy.modulate_denominator`` it also refits the modulation μ between Padé and its b = 0 polynomial,
+   :func:`~tcpade_fx.pade.fit_modulation`) or predicts the residual with
+   :func:`~tcpade_fx.pade.extrapolate_stacked` and runs the predict graph.
 
 The compute/predict decision stays in Python, outside every graph, so each graph compiles once.
 """
