@@ -36,8 +36,10 @@ class Policy:
     Adaptive coefficient modulation:
         modulate_denominator: after each computed step, fit μ ∈ [0, 1] in ``T + μ·(P − T)`` (``P`` the Padé,
             ``T`` its b = 0 polynomial extrapolant on the same nodes) to the residual just computed, and predict
-            with it until the next computed step (only for ``method="pade"``).
-        modulation_smoothing: weight of the newest μ in its running value (1: the newest alone).
+            with it until the next computed step (only for ``method="pade"``). Measured (bench/MODULATION_STUDY.md):
+            +0.27 dB mean over plain Padé in 18 cells of both bundled models, better in 13, worse in 3.
+        modulation_smoothing: weight of the newest μ in its running value (1: the newest alone; 0.5 measured better
+            on average, bench/modulation_variants.py).
         lambda_min: lower bound of the damping λ applied when the a-posteriori error rises.
         rise_factor: an error above ``rise_factor`` × its running level is a trajectory transition.
         error_smoothing: weight of the newest error in the running level (exponential average).
