@@ -1,6 +1,7 @@
 """Re-time benchmark rows on a quiet machine: each row against the full run, interleaved, median of repeats.
 
-    python bench/timing.py --models mnist-dit mnist-flux --steps 20 28 --repeats 5
+    python bench/timing.py --models mnist-dit mnist-flux --steps 20 28 --repeats 5   # rows not re-timed yet
+    python bench/timing.py ... --redo                                               # all matching rows again
 
 The speedups that bench/benchmark.py measures while other jobs share the two cores are noisy (a row can come out
 faster than its ideal N / computed ratio). This script rebuilds every row of bench/results/<model>.jsonl whose
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--match", default=r"TC-Padé|fewer steps|full|schedule|fixed", help="regex on the row labels to re-time")
+    ap.add_argument("--redo", action="store_true", help="re-time rows that already have a timing record too")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = Path(args.results)
@@ -71,8 +73,12 @@ def main() -> None:
     for model in args.models:
         rows = [json.loads(x) for x in (results / f"{model}.jsonl").read_text().splitlines() if x.strip()]
         out = results / f"timing-{model}.jsonl"
+        timed = set()
+        if out.exists() and not args.redo:
+            timed = {(t["steps"], t["label"]) for t in (json.loads(x) for x in out.read_text().splitlines() if x.strip())}
         for row in rows:
-            if (row["steps"] not in args.steps or not re.search(args.match, row["label"])
+            if (row.get("fd_only") or (row["steps"], row["label"]) in timed or row["steps"] not in args.steps
+                    or not re.search(args.match, row["label"])
                     or (conf := configuration(row)) is None):
                 continue
             make_scheduler, policy, steps = conf
