@@ -114,7 +114,9 @@ def write_markdown(rows: list[dict], out: Path, results: Path = ROOT / "bench" /
         "in [bench/FD_STUDY.md](bench/FD_STUDY.md) and, where `python bench/benchmark.py --fd-only --samples 1000` "
         "was run, in the *FD (1,000)*, *KID×10³ (1,000)* and *class acc (1,000)* columns: every row of that table "
         "re-sampled on seeds 0–999 (no timing). The *noise* of FD at 1,000 samples is measured in FD_STUDY (the full "
-        "run on two disjoint seed sets); a row is said to beat another on FD only by more than it. KID at 100 "
+        "run on two disjoint seed sets); a row is said to beat another on FD only by more than it. FD is a distance to the "
+        "real digits, not to the full run: several aggressive caches land *below* the full run's own FD (their "
+        "samples moved, by chance toward the real digits), so a lower FD here is not higher fidelity. KID at 100 "
         "samples is recorded in the JSONL but not shown (the first rows computed it on unscaled features, fixed "
         "since in `tcpade_fx.metrics`).",
         "",
