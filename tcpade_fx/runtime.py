@@ -131,6 +131,7 @@ class _Branch:
     residuals: list[torch.Tensor] = field(default_factory=list)
     stacked: torch.Tensor | None = None  # the residuals as stack_history() gives them, rebuilt on each push
     modulation: torch.Tensor | float = 1.0  # μ of Policy.modulate_denominator, one per batch element
+    modulation_mean: float = 1.0  # its batch mean, for the stats (read once per fit, not once per predicted step)
 
 
 class TCPadeRuntime:
@@ -310,8 +311,7 @@ class TCPadeRuntime:
             if all_finite(residual):
                 out = graphs.predict(*leaves, residual)
                 branch.controller.record_predict()
-                modulated = p.method == "pade" and p.modulate_denominator
-                mu = float(torch.as_tensor(branch.modulation).mean()) if modulated else None
+                mu = branch.modulation_mean if self._modulates else None
                 self._record(step, time, decision, None, modulation=mu)
                 return out
             self.stats.notes.append(f"step {step}: predicted residual not finite, computed instead")
@@ -321,7 +321,7 @@ class TCPadeRuntime:
             branch.times.clear()
             branch.residuals.clear()
             branch.stacked = None
-            branch.modulation = 1.0
+            branch.modulation, branch.modulation_mean = 1.0, 1.0
             branch.controller.clear_history()
             self._record(step, time, decision, None, computed=True)
             return out
@@ -340,20 +340,27 @@ class TCPadeRuntime:
         self._record(step, time, decision, check_error, computed=True)
         return out
 
+    @property
+    def _modulates(self) -> bool:
+        return self.policy.method == "pade" and self.policy.modulate_denominator
+
     def _check_and_modulate(self, branch: _Branch, residual: torch.Tensor, time: float, order: int) -> torch.Tensor:
         """What the branch would have predicted at this computed step; with ``modulate_denominator``, also fit the
         modulation μ to this residual for the predictions that follow."""
         p = self.policy
         kw = dict(like=branch.residuals[-1], order=order, eps=p.eps, pole_margin=p.pole_margin)
-        if not (p.method == "pade" and p.modulate_denominator):
+        if not self._modulates:
             return extrapolate_stacked(branch.times, branch.stacked, time, method=p.method, **kw)
         pade = extrapolate_stacked(branch.times, branch.stacked, time, method="pade", **kw)
         taylor = extrapolate_stacked(branch.times, branch.stacked, time, method="taylor", **kw)
-        mu = torch.as_tensor(branch.modulation, dtype=torch.float32)
+        # on the residual's device: a CPU μ of shape (1, 1, ...) would not broadcast against CUDA tensors
+        mu = torch.as_tensor(branch.modulation, dtype=torch.float32, device=residual.device)
+        # the prediction extrapolate_stacked(modulation=μ) makes, from P and T (which the fit needs anyway)
         predicted = (taylor + mu.reshape(-1, *[1] * (taylor.dim() - 1)) * (pade - taylor)).to(taylor.dtype)
         fitted = fit_modulation(residual, pade, taylor, per_sample=p.per_sample, default=mu)
         a = p.modulation_smoothing
         branch.modulation = a * fitted + (1 - a) * mu
+        branch.modulation_mean = float(branch.modulation.mean())
         return predicted
 
     def _record(self, step, time, decision, check_error, computed: bool = False, modulation=None) -> None:
