@@ -94,6 +94,41 @@ def fd_noise(results: Path, model: str, steps: int) -> float | None:
     return abs(a["fd"] - b["fd"]) if a and b else None
 
 
+def fd_beaten_by(row: dict, group: list[dict], noise: float) -> list[dict]:
+    """Rows at least as fast whose FD (large sample count) is lower than ``row``'s by more than ``noise``."""
+    return [o for o in group if o is not row and o["family"] != "full" and "fd_large" in o
+            and o["speedup"] >= row["speedup"] and o["fd_large"] < row["fd_large"] - noise]
+
+
+def summary(groups: dict, results: Path) -> list[str]:
+    """One line per preset and cell: the headline numbers, and how many rows beat it on PSNR and on FD."""
+    lines = ["## Summary: the presets", "",
+             "Per cell: speedup measured (ideal N / computed); PSNR vs the full run and the best fewer-steps row at the "
+             "same number of block-stack evaluations (Euler or UniPC); FD at 1,000 samples minus the full run's, and "
+             "the FD noise at that step count (full run on two seed sets); how many rows beat the preset on both "
+             "speedup and PSNR, and on speedup and FD by more than the noise (listed under each cell's table).", "",
+             "| model | steps | preset | compute | speedup (ideal) | PSNR vs full | best fewer steps | FD − full (1,000) "
+             "| FD noise | beaten on PSNR | beaten on FD |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, steps, samples), group in sorted(groups.items()):
+        noise = fd_noise(results, model, steps)
+        full = next((r for r in group if r["label"] == "full (Euler)"), None)
+        for r in sorted((r for r in group if r["family"] == "tcpade"), key=lambda r: -r["compute"]):
+            fewer = [o for o in group if o["family"] == "fewer" and abs(o["compute"] - r["compute"]) < 0.02]
+            best = max(fewer, key=lambda o: o["psnr_full"], default=None)
+            best_cell = "—" if best is None else f"{best['psnr_full']:.2f} ({best['label'].removeprefix('fewer steps ')})"
+            noise_cell = "—" if noise is None else f"{noise:.2f}"
+            fd_delta = (f"{r['fd_large'] - full['fd_large']:+.2f}" if "fd_large" in r and full is not None
+                        and "fd_large" in full else "—")
+            beaten_fd = (str(len(fd_beaten_by(r, group, noise))) if "fd_large" in r and noise is not None else "—")
+            lines.append(
+                f"| {model} | {steps} | {r['label'].removeprefix('TC-Padé ')} | {r['compute']:.2f} "
+                f"| {r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x) | {r['psnr_full']:.2f} "
+                f"| {best_cell} | {fd_delta} | {noise_cell} "
+                f"| {len(dominated_by(r, group, 'psnr_full', True))} | {beaten_fd} |")
+    return lines + [""]
+
+
 def write_markdown(rows: list[dict], out: Path, results: Path = ROOT / "bench" / "results") -> None:
     groups = defaultdict(list)
     for r in rows:
@@ -121,6 +156,7 @@ def write_markdown(rows: list[dict], out: Path, results: Path = ROOT / "bench" /
         "since in `tcpade_fx.metrics`).",
         "",
     ]
+    lines += summary(groups, results)
     for (model, steps, samples), group in sorted(groups.items()):
         group.sort(key=lambda r: (r["family"] != "full", -r["compute"], r["label"]))
         lines += [f"## {model}, {steps} steps, {samples} samples", ""]
@@ -152,8 +188,7 @@ def write_markdown(rows: list[dict], out: Path, results: Path = ROOT / "bench" /
                 lines.append(f"- **{r['label']}** is beaten on speedup and PSNR by: "
                              + ", ".join(f"{o['label']} ({o['speedup']:.2f}x, {o['psnr_full']:.2f} dB)" for o in by_psnr))
             if "fd_large" in r and noise is not None:
-                by_fd = [o for o in group if o is not r and o["family"] != "full" and "fd_large" in o
-                         and o["speedup"] >= r["speedup"] and o["fd_large"] < r["fd_large"] - noise]
+                by_fd = fd_beaten_by(r, group, noise)
                 lines.append(f"  On FD ({r['large_samples']:,} samples, beyond the noise {noise:.2f}): "
                              + ("no row that is at least as fast has a lower FD." if not by_fd else
                                 "beaten by " + ", ".join(f"{o['label']} ({o['speedup']:.2f}x, FD {o['fd_large']:.2f} "
