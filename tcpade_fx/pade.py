@@ -112,6 +112,7 @@ def fit_denominator(
     """
     if len(residuals) < 2:
         raise ValueError("fitting a denominator needs at least two history points")
+    _require_finite_history(residuals)
     device = residuals[-1].device
     t = _as_times(times, device)
     tau = t - t[-1]
@@ -179,21 +180,29 @@ def extrapolate(
 
     Returns:
         The prediction, in the dtype of the residuals, clamped to that dtype's finite range.
+
+    Raises:
+        ValueError: a history residual has NaN or infinite values (not checked while traced).
     """
     if len(residuals) == 0:
         raise ValueError("extrapolation needs at least one history point")
     if len(times) != len(residuals):
         raise ValueError(f"got {len(times)} times for {len(residuals)} residuals")
+    _require_finite_history(residuals)
     last = residuals[-1]
     method_used, l_eff = _resolve(method, order, len(residuals))
     n_fit = needed_nodes(method_used, l_eff) if l_eff >= 0 else 1
     if n_fit == 1:  # reuse, and Taylor-0 (which is reuse): exact, in the input dtype (no float32 round trip)
         return last.clone()
-    return extrapolate_stacked(
-        list(times)[-n_fit:] if not isinstance(times, Tensor) else times[-n_fit:],
-        stack_history(residuals[-n_fit:], per_sample), target, like=last, method=method, order=order, eps=eps,
-        pole_margin=pole_margin, damping=damping, modulation=modulation,
-    )
+    times = list(times)[-n_fit:] if not isinstance(times, Tensor) else times[-n_fit:]
+    stacked = stack_history(residuals[-n_fit:], per_sample)
+    kw = dict(like=last, method=method, order=order, eps=eps, pole_margin=pole_margin, damping=damping,
+              modulation=modulation)
+    pred = extrapolate_stacked(times, stacked, target, **kw)
+    if not torch.compiler.is_compiling() and not all_finite(pred):
+        # float32 overflowed (inf − inf gives NaN): the same coefficients in float64 give the value's true sign
+        pred = extrapolate_stacked(times, stacked, target, accumulate=torch.float64, **kw)
+    return _saturate(pred)
 
 
 def extrapolate_stacked(
@@ -208,11 +217,15 @@ def extrapolate_stacked(
     pole_margin: float = 0.1,
     damping: float | Tensor = 1.0,
     modulation: float | Tensor = 1.0,
+    accumulate: torch.dtype = torch.float32,
 ) -> Tensor:
     """:func:`extrapolate` on a history already stacked by :func:`stack_history` (``per_sample`` is its B).
 
     ``like`` is the newest residual (shape and dtype of the result; returned as a copy where the history allows
-    only reuse). Only the newest points the method and order need are read.
+    only reuse). Only the newest points the method and order need are read. Unlike :func:`extrapolate` the result
+    is not clamped: where the combination overflows (or the dtype of ``like`` cannot hold it) it is not finite,
+    for the caller to see (the runtime then computes the step). ``accumulate``: the dtype of the weighted sum of
+    the residuals (the fit is float32 either way); float64 holds sums beyond float32's range.
     """
     n_have = stacked.shape[0]
     if len(times) != n_have:
@@ -247,15 +260,32 @@ def extrapolate_stacked(
     coeff = torch.where(_nodes_distinct(u), coeff, reuse)
     lam = torch.as_tensor(damping, dtype=torch.float32, device=device)
     coeff = lam * coeff + (1.0 - lam) * reuse
-    lag = stacked[-(l_eff + 1):]
+    lag = stacked[-(l_eff + 1):].to(accumulate)
     pred = coeff[:, :1] * lag[0]
     for j in range(1, l_eff + 1):
         pred = pred + coeff[:, j:j + 1] * lag[j]
-    if out_dtype.is_floating_point:
-        fmax = min(torch.finfo(out_dtype).max, torch.finfo(pred.dtype).max)  # float64 out: float32's range
-        pred = pred.clamp(-fmax, fmax)
-    pred = torch.nan_to_num(pred, nan=0.0)
+    # no clamp and no nan_to_num here: a combination that overflows stays non-finite, so that the runtime sees it
+    # (all_finite) and computes the step instead of stepping with a saturated or zeroed residual
     return pred.reshape(like.shape).to(out_dtype)
+
+
+def _require_finite_history(residuals: Sequence[Tensor]) -> None:
+    if torch.compiler.is_compiling():  # traced: no data-dependent branch (the runtime checks its history itself)
+        return
+    for k, r in enumerate(residuals):
+        if r.is_floating_point() and not all_finite(r):
+            raise ValueError(
+                f"history residual {k} (of {len(residuals)}, oldest first) has NaN or infinite values: an "
+                "extrapolation from it would be meaningless; drop that point (the runtime never stores one)"
+            )
+
+
+def _saturate(pred: Tensor) -> Tensor:
+    """The public functions' promise: finite inputs give finite outputs (clamped to the dtype's range)."""
+    if pred.is_floating_point():
+        fmax = min(torch.finfo(pred.dtype).max, torch.finfo(torch.float32).max)  # computed in float32
+        pred = pred.clamp(-fmax, fmax)
+    return torch.nan_to_num(pred, nan=0.0)
 
 
 def _resolve(method: str, order: int, available: int) -> tuple[str, int]:

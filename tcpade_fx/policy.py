@@ -135,6 +135,14 @@ class Policy:
             problems.append(f"budget_warp={self.budget_warp!r} must be in [1, 4]")
         if not (isinstance(self.rise_factor, (int, float)) and self.rise_factor >= 1.0):
             problems.append(f"rise_factor={self.rise_factor!r} must be >= 1")
+        if not problems and self.method in METHODS:
+            need = needed_nodes(self.method, max(self.order, self.late_order))
+            if self.history_size < need:
+                problems.append(
+                    f"history_size={self.history_size} keeps too few residuals for {self.method} of order "
+                    f"{max(self.order, self.late_order)} (it needs {need}): raise history_size to {need} or lower "
+                    "the order"
+                )
         if not problems and self.early_end > self.late_start:
             problems.append(f"early_end={self.early_end} must not exceed late_start={self.late_start}")
         if self.schedule == "explicit" and (not isinstance(self.mask, str) or set(self.mask) - {"C", "."}):

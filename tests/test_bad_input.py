@@ -205,6 +205,35 @@ def test_a_nan_residual_clears_the_history_and_is_reported():
     assert any(not r.computed for r in stats.records[k + 1:])
 
 
+def test_a_non_finite_prediction_is_computed_instead_and_reported(monkeypatch):
+    module, kwargs = tiny_dit()
+    ts = times()
+    tcpade_fx.compile(module, "balanced")
+    runtime = module.tcpade
+    runtime.begin(STEPS)
+    reference = [call(module, kwargs, t) for t in ts]
+    schedule = runtime.stats.decisions()
+    k = schedule.index(".")
+    real = tcpade_fx.runtime.extrapolate_stacked
+
+    def overflowing(*args, **kw):  # what a float16 cast of a huge extrapolation gives
+        return torch.full_like(real(*args, **kw), float("inf"))
+
+    monkeypatch.setattr(tcpade_fx.runtime, "extrapolate_stacked", overflowing)
+    runtime.begin(STEPS)
+    outs = [call(module, kwargs, t) for t in ts]
+    stats = runtime.stats
+    assert any(f"step {k}: predicted residual not finite, computed instead" in n for n in stats.notes), stats.notes
+    assert stats.records[k].computed
+    assert stats.predicted == 0 and all(torch.isfinite(o).all() for o in outs)
+    # every step was computed, so the run is the full run (no step took the infinite prediction)
+    monkeypatch.undo()
+    tcpade_fx.disable(module)
+    full = [call(module, kwargs, t) for t in ts]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outs, full))
+    assert not torch.allclose(reference[k], full[k], atol=1e-5)  # the normal run did predict step k
+
+
 def test_an_unannounced_trajectory_after_begin_forgets_the_announced_step_count():
     model, kw = tiny_dit()
     tcpade_fx.compile(model, policy="balanced")

@@ -35,11 +35,13 @@ FAST = settings(max_examples=80, deadline=None)
 def policies(draw, schedule=None, rise_min=1.0, budget=True):
     early_end = draw(st.floats(0.0, 0.5))
     late_start = draw(st.floats(early_end, 1.0))
+    method = draw(st.sampled_from(["pade", "taylor", "reuse"]))
+    order, late_order = draw(st.integers(0, 2)), draw(st.integers(0, 2))
     return Policy(
-        method=draw(st.sampled_from(["pade", "taylor", "reuse"])),
-        order=draw(st.integers(0, 2)),
-        late_order=draw(st.integers(0, 2)),
-        history_size=draw(st.integers(1, 4)),
+        method=method,
+        order=order,
+        late_order=late_order,
+        history_size=draw(st.integers(needed_nodes(method, max(order, late_order)), 4)),
         lambda_min=draw(st.floats(0.0, 1.0)),
         rise_factor=draw(st.floats(rise_min, 5.0)),
         error_smoothing=draw(st.floats(0.0, 1.0)),

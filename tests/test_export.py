@@ -12,12 +12,14 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
 import tcpade_fx
 import tcpade_fx.models
 from tcpade_fx.export import ManifestMismatchError, TensorRTUnavailableError, load, to_onnx, to_tensorrt
-from tcpade_fx.export._capture import capture_for_export, resize_batch, weights_sha256
+from tcpade_fx.export._capture import capture_for_export, graph_errors, resize_batch, weights_sha256
 from tcpade_fx.export.tensorrt import prepare_tensorrt_export, require_tensorrt
 from tcpade_fx.metrics import psnr, seeded_latents
 
@@ -398,3 +400,18 @@ def test_backend_tensorrt_compiles_each_graph_once():
     pipe = tcpade_fx.compile(tcpade_fx.models.load("mnist-dit", device="cuda"), backend="tensorrt")
     pipe([1, 2], num_inference_steps=12, output_type="pt")
     assert pipe.tcpade.stats.compiles == {"compute": 1, "predict": 1}
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_out=st.integers(1, 3), wrong=st.data(), scale=st.floats(1e-3, 1.0))
+def test_the_export_check_compares_the_predict_graph_too(n_out, wrong, scale):
+    g = torch.Generator().manual_seed(n_out)
+    ref = [torch.randn(2, 5, generator=g) for _ in range(n_out)]
+    k = wrong.draw(st.integers(0, n_out - 1))
+    pred = [r.clone() for r in ref]
+    pred[k] = pred[k] + scale * ref[k].norm() / ref[k].numel() ** 0.5
+    errs = graph_errors(ref, [r.clone() for r in ref], pred)
+    assert errs["compute"] == 0.0
+    assert errs["predict_true_residual"] > 0.5 * scale
+    with pytest.raises(RuntimeError, match="predict graph returned"):
+        graph_errors(ref, ref, pred[:-1] if n_out > 1 else [])

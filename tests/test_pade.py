@@ -331,6 +331,35 @@ def hostile_history(draw):
     return dtype, times, target, hist
 
 
+@settings(max_examples=100, deadline=None)
+@given(case=hostile_history(), method=st.sampled_from(["pade", "taylor", "reuse"]), order=st.integers(0, 2),
+       data=st.data(), bad=st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+def test_a_non_finite_history_point_is_refused_not_extrapolated(case, method, order, data, bad):
+    dtype, times, target, hist = case
+    k = data.draw(st.integers(0, len(hist) - 1))
+    flat = hist[k].reshape(-1).clone()
+    flat[data.draw(st.integers(0, flat.numel() - 1))] = bad
+    hist = [*hist[:k], flat.reshape(hist[k].shape), *hist[k + 1:]]
+    with pytest.raises(ValueError, match=f"history residual {k} .* NaN or infinite"):
+        extrapolate(times, hist, target, method=method, order=order)
+    if len(hist) >= 2:
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            fit_denominator(times, hist, target)
+
+
+@settings(max_examples=60, deadline=None)
+@given(scale=st.floats(1.0, 3.0), per_sample=st.booleans(), method=st.sampled_from(["pade", "taylor"]))
+def test_an_overflowing_extrapolation_stays_non_finite_for_the_runtime_to_see(scale, per_sample, method):
+    # a linear trend near float32's largest value, extrapolated one more step: beyond float32's range
+    top = torch.finfo(torch.float32).max
+    hist = [torch.full((2, 3), top * f / 3.0) for f in (1.0, 2.0, 3.0)]
+    times, target = [3.0, 2.0, 1.0], 1.0 - scale
+    stacked = extrapolate_stacked(times, stack_history(hist, per_sample), target, like=hist[-1], method=method)
+    assert not all_finite(stacked)
+    public = extrapolate(times, hist, target, method=method, per_sample=per_sample)
+    assert bool(torch.isfinite(public).all()) and float(public.abs().max()) == top
+
+
 @settings(max_examples=150, deadline=None)
 @given(case=hostile_history(), method=st.sampled_from(["pade", "taylor", "reuse"]), order=st.integers(0, 2),
        per_sample=st.booleans(), damping=st.floats(0.0, 1.0))

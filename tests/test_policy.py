@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import tcpade_fx
 from tcpade_fx import PRESET_AIMS, PRESETS, Policy
-from tcpade_fx.policy import resolve_policy
+from tcpade_fx.policy import needed_nodes, resolve_policy
 
 FAST = settings(max_examples=80, deadline=None)
 NAMED = ("quality", "balanced", "fast")
@@ -96,14 +96,29 @@ def test_stage_boundaries_must_be_ordered(early, late):
             Policy(early_end=early, late_start=late)
 
 
+@FAST
+@given(method=st.sampled_from(["pade", "taylor", "reuse"]), order=st.integers(0, 2), late_order=st.integers(0, 2),
+       history_size=st.integers(1, 4))
+def test_a_history_too_short_for_the_order_is_refused_not_silently_lowered(method, order, late_order, history_size):
+    need = needed_nodes(method, max(order, late_order))
+    kwargs = dict(method=method, order=order, late_order=late_order, history_size=history_size)
+    if history_size >= need:
+        assert Policy(**kwargs).history_size == history_size
+    else:
+        with pytest.raises(ValueError, match=f"history_size={history_size} keeps too few .* needs {need}"):
+            Policy(**kwargs)
+
+
 @st.composite
 def valid_policies(draw):
     early = draw(st.floats(0.0, 1.0))
+    method = draw(st.sampled_from(["pade", "taylor", "reuse"]))
+    order, late_order = draw(st.integers(0, 2)), draw(st.integers(0, 2))
     return dict(
-        method=draw(st.sampled_from(["pade", "taylor", "reuse"])),
-        order=draw(st.integers(0, 2)),
-        late_order=draw(st.integers(0, 2)),
-        history_size=draw(st.integers(1, 4)),
+        method=method,
+        order=order,
+        late_order=late_order,
+        history_size=draw(st.integers(needed_nodes(method, max(order, late_order)), 4)),
         per_sample=draw(st.booleans()),
         eps=draw(st.floats(0.0, 1.0)),
         pole_margin=draw(st.floats(0.0, 1.0)),

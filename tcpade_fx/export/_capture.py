@@ -752,3 +752,18 @@ def resize_dims(leaves: list, dynamic_axes: dict[int, dict[int, str]], sizes: di
             if name in sizes:
                 out[i] = _resize_axis(out[i], axis, sizes[name])
     return out
+
+
+def graph_errors(ref: list[torch.Tensor], outs: list[torch.Tensor], pred: list[torch.Tensor]) -> dict[str, float]:
+    """Largest relative error of an exported compute graph's outputs, and of its predict graph's given the true
+    residual, against the transformer's outputs ``ref``; each list must have as many tensors as ``ref``."""
+    for name, got in (("compute", outs), ("predict", pred)):
+        if len(got) != len(ref):
+            raise RuntimeError(f"the {name} graph returned {len(got)} outputs, the transformer {len(ref)}")
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.double(), b.double()
+        return float((a - b).norm() / (a.norm() + 1e-30))
+
+    return {"compute": max(rel(r, o) for r, o in zip(ref, outs)),
+            "predict_true_residual": max(rel(r, p) for r, p in zip(ref, pred))}

@@ -43,7 +43,8 @@ import torch
 
 from ..policy import Policy, resolve_policy
 from ._capture import (
-    BATCH, ExportCapture, TensorOnly, capture_for_export, file_sha256, probe_size, resize_dims, weights_sha256,
+    BATCH, ExportCapture, TensorOnly, capture_for_export, file_sha256, graph_errors, probe_size, resize_dims,
+    weights_sha256,
 )
 from .manifest import base_manifest, write_manifest
 
@@ -113,11 +114,6 @@ def _run(session, names: list[str], tensors) -> list[torch.Tensor]:
     return [torch.from_numpy(o) for o in session.run(None, feeds)]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / (a.norm() + 1e-30))
-
-
 def _check(cap: ExportCapture, folder: Path, tolerance: float) -> dict:
     """ORT vs PyTorch on the example call; for a dynamic batch also at batch 1 and batch + 1, for dynamic token
     axes also with every token dimension at :func:`~._capture.probe_size` of its example (example batch)."""
@@ -144,8 +140,7 @@ def _check(cap: ExportCapture, folder: Path, tolerance: float) -> dict:
         tensors = [leaves[i] for i in cap.tensor_positions]
         *outs, residual = _run(compute, names, tensors)
         pred = _run(predict, names + [RESIDUAL], tensors + [residual])
-        errs = {"compute": max(_rel(r, o) for r, o in zip(ref, outs)),
-                "predict_true_residual": max(_rel(r, p) for r, p in zip(ref, pred))}
+        errs = graph_errors(ref, outs, pred)
         tokens = {n: v for n, v in sizes.items() if n != BATCH}
         report["batches"].append({"batch": size, **({"dims": tokens} if tokens else {}), **errs})
         if not max(errs.values()) <= tolerance:

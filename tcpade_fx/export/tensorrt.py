@@ -44,7 +44,7 @@ from typing import Any, Callable
 import torch
 
 from ..policy import Policy, resolve_policy
-from ._capture import ExportCapture, TensorOnly, capture_for_export, file_sha256, weights_sha256
+from ._capture import ExportCapture, TensorOnly, capture_for_export, file_sha256, graph_errors, weights_sha256
 from .manifest import ManifestMismatchError, base_manifest, dtype_name, write_manifest
 
 RESIDUAL = "tcpade_residual"
@@ -272,9 +272,9 @@ def to_tensorrt(
         "batch_range": [min_batch, opt_batch or cap.batch_size, max_batch] if cap.batch_leaves else None,
         "settings": {k: repr(v) for k, v in settings.items()},
     }
+    if check:  # before the manifest: a folder whose engines failed the check must not load
+        manifest["verification"] = _check_engines(cap, folder, manifest, tolerance)
     write_manifest(folder, manifest)
-    if check:
-        _check_engines(cap, folder, manifest, tolerance)
     return folder
 
 
@@ -284,7 +284,9 @@ def _require_cuda_inputs(cap: ExportCapture) -> None:
         raise ValueError(f"move the pipeline to CUDA before to_tensorrt (its transformer ran on {sorted(devices)})")
 
 
-def _check_engines(cap: ExportCapture, folder: Path, manifest: dict, tolerance: float | None) -> None:
+def _check_engines(cap: ExportCapture, folder: Path, manifest: dict, tolerance: float | None) -> dict:
+    """Both engines against the PyTorch transformer on the example call: the compute engine's outputs, and the
+    predict engine's outputs given the compute engine's (true) residual. Returns the verification record."""
     from torch.utils import _pytree as pytree
 
     tol = tolerance if tolerance is not None else 1e-2  # TF32 and tactic choice: looser than ORT on CPU
@@ -296,9 +298,12 @@ def _check_engines(cap: ExportCapture, folder: Path, manifest: dict, tolerance: 
                if isinstance(t, torch.Tensor)]
         *outs, residual = graphs["compute"](*cap.leaves)
         pred = graphs["predict"](*cap.leaves, residual)
-    errs = [float((r.double() - o.double()).norm() / (r.double().norm() + 1e-30)) for r, o in zip(ref, [*outs, *pred])]
-    if not max(errs) <= tol:
-        raise RuntimeError(f"the TensorRT engines differ from the PyTorch transformer by {errs} (allowed {tol:g})")
+    errs = graph_errors(ref, outs, pred)
+    if not max(errs.values()) <= tol:
+        raise RuntimeError(f"the TensorRT engines differ from the PyTorch transformer: {errs} (relative, allowed "
+                           f"{tol:g}); the engines in {folder} are not usable (no manifest was written)")
+    return {"tolerance": tol, **errs}
+
 
 
 class TensorRTEngineGraph:
