@@ -132,6 +132,15 @@ class _Branch:
     stacked: torch.Tensor | None = None  # the residuals as stack_history() gives them, rebuilt on each push
     modulation: torch.Tensor | float = 1.0  # μ of Policy.modulate_denominator, one per batch element
     modulation_mean: float = 1.0  # its batch mean, for the stats (read once per fit, not once per predicted step)
+    key: Any = None  # the input signature its history was computed with
+
+    def clear_history(self) -> None:
+        """Forget the residuals (and the controller's error state); the step count and plan stay."""
+        self.times.clear()
+        self.residuals.clear()
+        self.stacked = None
+        self.modulation, self.modulation_mean = 1.0, 1.0
+        self.controller.clear_history()
 
 
 class TCPadeRuntime:
@@ -256,20 +265,25 @@ class TCPadeRuntime:
         graphs_now = self._graphs.get(self._current_key)
         leaves, spec = flatten_call((), kwargs, graphs_now.in_spec if graphs_now else None)
         key = self._key(leaves, spec)
-        if key != self._current_key:
-            if self._current_key is not None:
-                self.stats.notes.append(
-                    f"input signature changed at call {len(self.stats.records)}: graphs "
-                    f"{'reused' if key in self._graphs else 're-captured'}, histories reset"
-                )
-                self.reset()
-            if key not in self._graphs:
-                self._graphs[key] = self._build(kwargs)
-            self._current_key = key
+        captured = False
+        if key not in self._graphs:
+            self._graphs[key] = self._build(kwargs)
+            captured = True
+        self._current_key = key
         graphs = self._graphs[key]
         timestep = leaves[graphs.timestep_position]
         time = float(timestep.reshape(-1)[0])
         branch = self._advance(time)
+        if branch.key != key:
+            # a history is only valid for the signature it was computed with; the trajectory (step count, stage,
+            # budget) goes on. Per branch: true CFG whose two prompts differ in length keeps both histories.
+            if branch.key is not None:
+                self.stats.notes.append(
+                    f"input signature changed at call {len(self.stats.records)} (step {self._step}, branch "
+                    f"{self._branch}): graphs {'re-captured' if captured else 'reused'}, its history reset"
+                )
+                branch.clear_history()
+            branch.key = key
         with torch.no_grad():
             flat = self._run(graphs, branch, leaves, time)
         return pytree.tree_unflatten(list(flat), graphs.out_spec)
@@ -318,11 +332,7 @@ class TCPadeRuntime:
         *out, residual = graphs.compute(*leaves)
         if not all_finite(residual):
             self.stats.notes.append(f"step {step}: block-stack residual not finite, history cleared")
-            branch.times.clear()
-            branch.residuals.clear()
-            branch.stacked = None
-            branch.modulation, branch.modulation_mean = 1.0, 1.0
-            branch.controller.clear_history()
+            branch.clear_history()
             self._record(step, time, decision, None, computed=True)
             return out
         velocity = None
