@@ -40,6 +40,38 @@ def _active_cache_hooks(module: torch.nn.Module) -> list[str]:
     return found
 
 
+def _time_grids(scheduler) -> list[list[float]]:
+    """The scheduler's candidate time grids, one value per step: its sigmas (flow schedulers keep them exact,
+    where their timesteps may be rounded) and its timesteps."""
+    timesteps = scheduler.timesteps
+    grids = []
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel() >= len(timesteps):
+        grids.append(sigmas.reshape(-1)[: len(timesteps)].double().tolist())
+    grids.append(timesteps.double().tolist())
+    return grids
+
+
+def _scheduler_step_index(scheduler) -> int | None:
+    """The index of the step the scheduler is at (None where it does not say, e.g. before its first step)."""
+    for name in ("step_index", "begin_index"):
+        value = getattr(scheduler, name, None)
+        if isinstance(value, (int, torch.Tensor)) and not isinstance(value, bool):
+            return int(value)
+    return None
+
+
+def _require_one_call_per_step(scheduler) -> None:
+    timesteps = scheduler.timesteps
+    if len(timesteps) > 1 and bool((timesteps[1:] == timesteps[:-1]).any()):
+        raise ValueError(
+            f"{type(scheduler).__name__} evaluates the transformer more than once per step at repeated times (a "
+            "Heun/KDPM2-type second-order sampler); TC-Padé needs one evaluation per step to extrapolate along. Use "
+            "a first-order scheduler (FlowMatchEulerDiscreteScheduler) or a multistep solver "
+            "(UniPCMultistepScheduler, DPMSolverMultistepScheduler), or tcpade_fx.disable(pipe) for this sampler."
+        )
+
+
 def _pipeline_class_with_reset(cls: type) -> type:
     base_call = cls.__call__
 
@@ -47,28 +79,39 @@ def _pipeline_class_with_reset(cls: type) -> type:
     def __call__(self, *args, **kwargs):
         runtime: TCPadeRuntime = self.tcpade
         scheduler = getattr(self, "scheduler", None)
-        original = scheduler.__dict__.get("set_timesteps") if scheduler is not None else None
+        wrapped = ("set_timesteps", "step")
+        originals = {n: scheduler.__dict__.get(n) for n in wrapped} if scheduler is not None else {}
 
         if scheduler is not None:
-            bound = type(scheduler).set_timesteps.__get__(scheduler)
+            bound_set = type(scheduler).set_timesteps.__get__(scheduler)
+            bound_step = type(scheduler).step.__get__(scheduler)
 
             # wraps: pipelines inspect set_timesteps' signature (retrieve_timesteps looks for `sigmas`/`timesteps`)
-            @functools.wraps(bound)
+            @functools.wraps(bound_set)
             def set_timesteps(*a, **k):
-                result = bound(*a, **k)
-                runtime.begin(num_steps=len(scheduler.timesteps))
+                result = bound_set(*a, **k)
+                _require_one_call_per_step(scheduler)
+                runtime.begin(num_steps=len(scheduler.timesteps), schedule=_time_grids(scheduler),
+                              step_index=lambda: _scheduler_step_index(scheduler))
+                return result
+
+            @functools.wraps(bound_step)
+            def step(*a, **k):
+                result = bound_step(*a, **k)
+                runtime.step_done()
                 return result
 
             scheduler.set_timesteps = set_timesteps
+            scheduler.step = step
         runtime.begin(None)
         try:
             return base_call(self, *args, **kwargs)
         finally:
-            if scheduler is not None:
+            for name, original in originals.items():
                 if original is None:
-                    scheduler.__dict__.pop("set_timesteps", None)
+                    scheduler.__dict__.pop(name, None)
                 else:
-                    scheduler.set_timesteps = original
+                    setattr(scheduler, name, original)
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "_tcpade_base_class": cls})
 

@@ -80,6 +80,7 @@ class StepController:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.num_steps = num_steps
         self.first_time: float | None = None
+        self.first_step = 0  # the trajectory's first step (img2img pipelines start part-way into the schedule)
         self.computed_times: deque[float] = deque(maxlen=self.policy.history_size)
         self.run_length = 0
         self.run_error = 0.0
@@ -127,6 +128,7 @@ class StepController:
         p = self.policy
         if self.first_time is None:
             self.first_time = float(time)
+            self.first_step = step
         stage = self.stage(step, time)
         have = len(self.computed_times)
         order = effective_order(p.method, self._stage_order(stage), have) if have else -1
@@ -183,7 +185,8 @@ class StepController:
         return p.compute_budget is not None and self.num_steps is not None and p.schedule == "adaptive"
 
     def _budget_total(self) -> int:
-        return math.ceil(self.policy.compute_budget * self.num_steps)
+        """The budget of the steps this trajectory runs: all N, or those from its first step on."""
+        return math.ceil(self.policy.compute_budget * (self.num_steps - self.first_step))
 
     def _warp(self, x: float) -> float:
         w, n = self.warmup, self.num_steps
@@ -292,7 +295,7 @@ class StepController:
             return True
         if self.num_steps is None:
             return self.computed + 1 <= budget * (step + 1)
-        return self.computed + 1 + self._reserve(step) <= math.ceil(budget * self.num_steps)
+        return self.computed + 1 + self._reserve(step) <= self._budget_total()
 
     def _reserve(self, step: int) -> int:
         """Computes that max_skip limits and the last step will force after ``step`` (an upper estimate)."""

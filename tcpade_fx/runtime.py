@@ -4,9 +4,13 @@ A :class:`TCPadeRuntime` replaces a transformer's ``forward``. On the first call
 (tensor shapes, dtypes, devices and the non-tensor arguments) it captures the transformer, locates and verifies
 the block stack, builds the compute/predict graphs and hands them to the backend. Each call then:
 
-1. reads the model time from the ``timestep`` argument; calls at the same time as the previous call are further
-   classifier-free-guidance branches of the same step (one history per branch), a new time is the next step, and a
-   time above the previous one starts a new trajectory (noted in the stats when no pipeline announced it);
+1. finds the step and the guidance branch (one history per branch). In a pipeline the scheduler drives this
+   (:meth:`TCPadeRuntime.begin` with its schedule): a call after the scheduler's ``step`` is the next step, at the
+   scheduler's own step index (img2img starts part-way), further calls before it are further branches, and the
+   time is the scheduler's exact grid where the model receives a float16/bfloat16 timestep. A bare transformer
+   is read off the ``timestep`` argument: calls at the same time as the previous call are further branches, a
+   new time is the next step, a time above the previous one starts a new trajectory (noted in the stats). An
+   input signature that changes resets only that branch's history; the trajectory goes on;
 2. asks the branch's :class:`~tcpade_fx.controller.StepController` to compute or predict;
 3. computes (and checks what it would have predicted, feeding the a-posteriori error back; with
    ``Policy.modulate_denominator`` it also refits the modulation μ between Padé and its b = 0 polynomial,
@@ -21,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -143,6 +147,29 @@ class _Branch:
         self.controller.clear_history()
 
 
+@dataclass
+class _TimeGrid:
+    """One candidate time grid of the scheduler (one value per step) and its scale to the model's units, fixed by
+    the first call; dropped for the rest of the trajectory once a received time does not follow it."""
+
+    values: list[float]
+    scale: float | None = None
+    valid: bool = True
+
+    def time(self, step: int, received: float, tolerance: float) -> float | None:
+        if not self.valid or not 0 <= step < len(self.values) or self.values[step] == 0.0:
+            return None
+        if self.scale is None:
+            if received == 0.0:
+                return None
+            self.scale = received / self.values[step]
+        time = self.scale * self.values[step]
+        if abs(time - received) <= tolerance * abs(time):
+            return time
+        self.valid = False
+        return None
+
+
 class TCPadeRuntime:
     """Drives one transformer with TC-Padé. Installed by :func:`tcpade_fx.compile`; see the module docstring."""
 
@@ -173,6 +200,9 @@ class TCPadeRuntime:
         self._current_key: Any = None
         self._num_steps: int | None = None
         self._announced = False
+        self._driven = False
+        self._time_grids: list[_TimeGrid] = []
+        self._step_index: Callable[[], int | None] | None = None
         self.reset()
 
     # -- trajectory state ------------------------------------------------------------------------------------
@@ -182,13 +212,37 @@ class TCPadeRuntime:
         self._step = -1
         self._last_time: float | None = None
         self._branch = 0
+        self._step_pending = True
 
-    def begin(self, num_steps: int | None = None) -> None:
-        """Start a new trajectory of ``num_steps`` steps (pipelines call this); resets histories and stats."""
+    def begin(
+        self,
+        num_steps: int | None = None,
+        *,
+        schedule: Sequence[Sequence[float]] | None = None,
+        step_index: Callable[[], int | None] | None = None,
+    ) -> None:
+        """Start a new trajectory of ``num_steps`` steps (pipelines call this); resets histories and stats.
+
+        With ``schedule`` (what :func:`tcpade_fx.compile` passes for a pipeline) the steps are driven by the
+        scheduler rather than read off the timestep's value: a call is a new step when it is the first one or
+        :meth:`step_done` came since the previous one (otherwise it is the next guidance branch of the same step),
+        its index is ``step_index()`` when that gives one (an img2img pipeline starts part-way into the
+        schedule) and one more than the previous otherwise. ``schedule`` holds candidate time grids, one value
+        per step (the scheduler's sigmas, its timesteps): when the model receives its timestep in float16 or
+        bfloat16, whose rounding would distort the gaps between steps or even merge two steps, the time used is
+        the first candidate that the received values follow up to that rounding, scaled to the model's units.
+        """
         self.reset()
         self.stats = TCPadeStats(compiles=self.stats.compiles)
         self._num_steps = num_steps
         self._announced = True
+        self._driven = schedule is not None
+        self._time_grids = [_TimeGrid([float(v) for v in grid]) for grid in schedule or ()]
+        self._step_index = step_index
+
+    def step_done(self) -> None:
+        """The scheduler finished a step: the next call starts the next one (pipelines call this)."""
+        self._step_pending = True
 
     # -- capture ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -274,6 +328,8 @@ class TCPadeRuntime:
         timestep = leaves[graphs.timestep_position]
         time = float(timestep.reshape(-1)[0])
         branch = self._advance(time)
+        if self._driven and timestep.dtype in (torch.float16, torch.bfloat16):
+            time = self._scheduled_time(time, timestep.dtype)
         if branch.key != key:
             # a history is only valid for the signature it was computed with; the trajectory (step count, stage,
             # budget) goes on. Per branch: true CFG whose two prompts differ in length keeps both histories.
@@ -283,13 +339,27 @@ class TCPadeRuntime:
                     f"{self._branch}): graphs {'re-captured' if captured else 'reused'}, its history reset"
                 )
                 branch.clear_history()
+            elif captured and len(self._graphs) > 1:
+                self.stats.notes.append(
+                    f"new input signature at call {len(self.stats.records)} (step {self._step}, branch "
+                    f"{self._branch}): graphs re-captured ({len(self._graphs)} signatures kept)"
+                )
             branch.key = key
         with torch.no_grad():
             flat = self._run(graphs, branch, leaves, time)
         return pytree.tree_unflatten(list(flat), graphs.out_spec)
 
     def _advance(self, time: float) -> _Branch:
-        if self._last_time is not None and time == self._last_time:
+        if self._driven:
+            if self._step_pending:
+                index = self._step_index() if self._step_index is not None else None
+                self._step = index if index is not None and index > self._step else self._step + 1
+                self._branch = 0
+                self._step_pending = False
+            else:
+                self._branch += 1
+            self._last_time = time
+        elif self._last_time is not None and time == self._last_time:
             self._branch += 1
         else:
             if self._last_time is not None and time > self._last_time:
@@ -307,6 +377,21 @@ class TCPadeRuntime:
         if self._branch not in self._branches:
             self._branches[self._branch] = _Branch(StepController(self.policy, self._num_steps))
         return self._branches[self._branch]
+
+    def _scheduled_time(self, received: float, dtype: torch.dtype) -> float:
+        """The step's time from the scheduler's grid, in the model's units, where the rounded ``received`` value
+        follows it; ``received`` itself (with a note, once) where no grid does."""
+        tolerance = 4 * torch.finfo(dtype).eps  # the received value and the scale each carry one rounding
+        for grid in self._time_grids:
+            time = grid.time(self._step, received, tolerance)
+            if time is not None:
+                return time
+        if not any("does not follow" in n for n in self.stats.notes):
+            self.stats.notes.append(
+                f"step {self._step}: the {dtype} timestep {received:g} does not follow the scheduler's time grid; "
+                "extrapolating on the rounded model times (pass the timestep in float32 for exact gaps)"
+            )
+        return received
 
     def _run(self, graphs: _Graphs, branch: _Branch, leaves: list, time: float) -> tuple:
         p = self.policy

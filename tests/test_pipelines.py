@@ -205,3 +205,40 @@ def test_batched_cfg_is_one_branch_over_the_doubled_batch(built):
     prompts = 2 if built.family == "dit" else 1  # DiT samples the two class labels, the others one prompt
     assert built.first_call["hidden_states"].shape[0] == 2 * prompts
     assert pipe.tcpade._branches[0].residuals[-1].shape[0] == 2 * prompts
+
+
+def test_img2img_starts_part_way_and_still_computes_the_last_step():
+    # strength < 1: the pipeline runs the schedule's last steps only, from the scheduler's begin index
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe, kwargs = tiny_flux_pipeline()
+    img2img = FluxImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    tcpade_fx.compile(img2img, "fast")
+    image = torch.rand(1, 3, kwargs["height"], kwargs["width"], generator=torch.Generator().manual_seed(0))
+    img2img(image=image, strength=0.6, num_inference_steps=STEPS, **kwargs)
+    stats = img2img.tcpade.stats
+    start = STEPS - int(STEPS * 0.6)
+    assert [r.step for r in stats.records] == list(range(start, STEPS))
+    assert stats.records[-1].computed and stats.records[-1].reason == "last step"
+    # the budget is the preset's share of the steps actually run, not of all N
+    assert stats.computed == -(-len(stats.records) * 28 // 100)  # ceil(0.28 · calls)
+    assert stats.predicted > 0
+
+
+def test_a_second_order_heun_sampler_is_refused_with_what_to_use_instead():
+    from diffusers import HeunDiscreteScheduler
+
+    pipe, kwargs = tiny_dit_pipeline()
+    euler = pipe.scheduler
+    pipe.scheduler = HeunDiscreteScheduler.from_config(euler.config)
+    tcpade_fx.compile(pipe, "balanced")
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler evaluates the transformer more than once"
+                                         ".*UniPCMultistepScheduler"):
+        run(pipe, kwargs, steps=6)
+    tcpade_fx.disable(pipe)
+    assert torch.isfinite(run(pipe, kwargs, steps=6)).all()  # nothing lost: the pipeline still samples
+    pipe.scheduler = euler
+    tcpade_fx.compile(pipe, "balanced")
+    run(pipe, kwargs, steps=6)
+    assert [r.step for r in pipe.tcpade.stats.records] == list(range(6))
