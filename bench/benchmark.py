@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import warnings
 import math
 import statistics
@@ -195,14 +196,15 @@ def fixed_interval_for(steps: int, computed: int, early: int) -> int:
 
 
 def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bool, peers_only: bool = False,
-              core_only: bool = False) -> None:
+              core_only: bool = False, peer_match: str | None = None) -> None:
     b = bench
     for n in steps_list:
         if peers_only:
             from peers import peer_rows  # bench/peers.py
 
             for label, family, make, extra in peer_rows(b, n):
-                b.row(n, label, family, make, extra=extra)
+                if peer_match is None or re.search(peer_match, label):
+                    b.row(n, label, family, make, extra=extra)
             continue
         b.row(n, "full (Euler)", "full", lambda: b.pipe(euler()))
         b.row(n, "full (UniPC)", "full", lambda: b.pipe(unipc()), full_of=("unipc", lambda: b.pipe(unipc())))
@@ -251,6 +253,9 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--peers-only", action="store_true", help="run only the peer rows (e.g. beside a --no-peers run)")
     ap.add_argument("--core-only", action="store_true", help="only full, TC-Padé presets and fewer-steps rows")
+    ap.add_argument("--peer-match", default=None, metavar="REGEX",
+                    help="only the peer rows whose label matches (e.g. '^cache-dit' beside '^diffusers' in a second "
+                         "process; both append to the same results)")
     ap.add_argument("--results", default=str(RESULTS), help="folder of the resumable JSONL results")
     ap.add_argument("--fd-only", action="store_true",
                     help="no timing and no converged reference: the rows' FD/KID/PSNR at a large --samples (the "
@@ -263,7 +268,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     for model in args.models:
         bench = Bench(model, args.samples, args.timing_samples, args.repeats, args.batch, args.fd_only)
-        run_model(bench, args.steps, args.presets, not args.no_peers, args.peers_only, args.core_only)
+        run_model(bench, args.steps, args.presets, not args.no_peers, args.peers_only, args.core_only, args.peer_match)
     from report import write_report  # bench/report.py
 
     write_report(RESULTS)

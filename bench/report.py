@@ -35,6 +35,8 @@ def load(results: Path) -> list[dict]:
     for path in sorted(results.glob("*.jsonl")):
         if path.name.startswith("fd-"):  # bench/fd_study.py's rows (1,000 samples): bench/FD_STUDY.md
             continue
+        if path.name.startswith("superseded-"):  # rows the current benchmark no longer produces (kept, not shown)
+            continue
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if path.name.startswith("timing-"):
             timings.update({(t["model"], t["steps"], t["label"]): t for t in lines})
