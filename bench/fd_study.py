@@ -62,7 +62,8 @@ def run(model: str, steps: int, samples: int, noise_only: bool = False) -> None:
     with torch.no_grad():
         real_feats = classifier.features(real)
     seeds_a, seeds_b = list(range(samples)), list(range(samples, 2 * samples))
-    cache = RESULTS / "cache" / f"fd-{model}-full-{steps}-{samples}.pt"
+    # the same images as bench/benchmark.py's full-run reference (seeds 0..S−1, Euler): one file, sampled once
+    cache = RESULTS / "cache" / f"{model}-euler-{steps}-{samples}.pt"
 
     def full_images() -> torch.Tensor:
         if not cache.exists():
@@ -74,7 +75,10 @@ def run(model: str, steps: int, samples: int, noise_only: bool = False) -> None:
         if (steps, label, samples) in done:
             return done[(steps, label, samples)]
         t0 = time.perf_counter()
-        images, compute = sample(model, scheduler(), policy, n, seeds)
+        if label == "full (Euler)":
+            images, compute = full_images(), 1.0
+        else:
+            images, compute = sample(model, scheduler(), policy, n, seeds)
         with torch.no_grad():
             feats = classifier.features(images)
             accuracy = (classifier.head(feats).argmax(1) == torch.tensor([s % 10 for s in seeds])).float().mean()
@@ -83,10 +87,7 @@ def run(model: str, steps: int, samples: int, noise_only: bool = False) -> None:
                "fd": round(metrics.frechet_distance(real_feats, feats), 3),
                "kid": round(metrics.kernel_inception_distance(real_feats, feats), 6),
                "accuracy": round(float(accuracy), 4), "seconds": round(time.perf_counter() - t0, 1)}
-        if label == "full (Euler)":
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(images, cache)
-        elif seeds is seeds_a:
+        if label != "full (Euler)" and seeds is seeds_a:
             row["psnr_full"] = round(metrics.psnr(full_images(), images), 3)
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -102,7 +102,7 @@ def fd_beaten_by(row: dict, group: list[dict], noise: float) -> list[dict]:
             and o["speedup"] >= row["speedup"] and o["fd_large"] < row["fd_large"] - noise]
 
 
-def summary(groups: dict, results: Path) -> list[str]:
+def summary(groups: dict, noises: dict) -> list[str]:
     """One line per preset and cell: the headline numbers, and how many rows beat it on PSNR and on FD."""
     lines = ["## Summary: the presets", "",
              "Per cell: speedup measured (ideal N / computed); PSNR vs the full run and the best fewer-steps row at the "
@@ -113,7 +113,7 @@ def summary(groups: dict, results: Path) -> list[str]:
              "| FD noise | beaten on PSNR | beaten on FD |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, steps, samples), group in sorted(groups.items()):
-        noise = fd_noise(results, model, steps)
+        noise = noises[model, steps]
         full = next((r for r in group if r["label"] == "full (Euler)"), None)
         for r in sorted((r for r in group if r["family"] == "tcpade"), key=lambda r: -r["compute"]):
             fewer = [o for o in group if o["family"] == "fewer" and abs(o["compute"] - r["compute"]) < 0.02]
@@ -158,12 +158,13 @@ def write_markdown(rows: list[dict], out: Path, results: Path = ROOT / "bench" /
         "since in `tcpade_fx.metrics`).",
         "",
     ]
-    lines += summary(groups, results)
+    noises = {(model, steps): fd_noise(results, model, steps) for model, steps, _ in groups}
+    lines += summary(groups, noises)
     for (model, steps, samples), group in sorted(groups.items()):
         group.sort(key=lambda r: (r["family"] != "full", -r["compute"], r["label"]))
         lines += [f"## {model}, {steps} steps, {samples} samples", ""]
         columns = list(COLUMNS)
-        noise = fd_noise(results, model, steps)
+        noise = noises[model, steps]
         if any("fd_large" in r for r in group):
             n_large = max(r.get("large_samples", 0) for r in group)
             columns += [("fd_large", f"FD ({n_large:,})", "{:.2f}"), ("kid_large", f"KID×10³ ({n_large:,})", "{:.2f}"),

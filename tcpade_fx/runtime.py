@@ -358,7 +358,6 @@ class TCPadeRuntime:
                 self._step_pending = False
             else:
                 self._branch += 1
-            self._last_time = time
         elif self._last_time is not None and time == self._last_time:
             self._branch += 1
         else:

@@ -305,7 +305,6 @@ def _check_engines(cap: ExportCapture, folder: Path, manifest: dict, tolerance: 
     return {"tolerance": tol, **errs}
 
 
-
 class TensorRTEngineGraph:
     """One raw TensorRT engine as the runtime calls it: ``graph(*call_leaves[, residual]) -> tuple``."""
 
