@@ -39,8 +39,8 @@ import math
 from collections import deque
 from dataclasses import asdict, dataclass
 
-from .pade import effective_order
-from .policy import Policy, needed_nodes
+from .pade import effective_order, needed_nodes
+from .policy import Policy
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,6 @@ from typing import Sequence
 
 import torch
 
-from .policy import needed_nodes
-
 Tensor = torch.Tensor
 
 #: Nodes closer than this fraction of the extrapolation span are treated as repeated (fall back to reuse).
@@ -35,6 +33,13 @@ NODE_TOLERANCE = 1e-3
 _TINY = 1e-30
 #: A divided difference D[τR] whose RMS is within this many times n float32 ulps of zero is rounding noise.
 _ROUNDING_ULPS = 4.0
+
+
+def needed_nodes(method: str, order: int) -> int:
+    """History points an extrapolant of this method and order uses."""
+    if method == "reuse":
+        return 1
+    return order + 2 if method == "pade" else order + 1
 
 
 def effective_order(method: str, order: int, available: int) -> int:

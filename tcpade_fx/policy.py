@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .pade import needed_nodes
+
 Method = Literal["pade", "taylor", "reuse"]
 Schedule = Literal["adaptive", "fixed", "explicit"]
 
@@ -171,13 +173,6 @@ class Policy:
             raise ValueError(
                 f"unknown TC-Padé policy {name!r}; choose one of {sorted(PRESETS)} or pass a tcpade_fx.Policy(...)"
             ) from None
-
-
-def needed_nodes(method: str, order: int) -> int:
-    """History points an extrapolant of this method and order uses."""
-    if method == "reuse":
-        return 1
-    return order + 2 if method == "pade" else order + 1
 
 
 def resolve_policy(policy: "Policy | str") -> Policy:

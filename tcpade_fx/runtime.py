@@ -1,41 +1,42 @@
-"""The stateful part of tcpade_fx: per-signature graphs, per-branch history and controllers, and the stats.
+"""The stateful part of tcpade_fx: per-signature graph sets, per-branch histories and controllers, and the stats.
 
-A :class:`TCPadeRuntime` replaces a transformer's ``forward``. On the first call with a new input signature
-(tensor shapes, dtypes, devices and the non-tensor arguments) it captures the transformer, locates and verifies
-the block stack, builds the compute/predict graphs and hands them to the backend. Each call then:
+A :class:`TCPadeRuntime` drives one transformer. :mod:`tcpade_fx.integration` installs it as a diffusers hook
+and calls :meth:`TCPadeRuntime.call` with the forward below the hook. On the first call with a new input
+signature (tensor shapes, dtypes, devices and the non-tensor arguments) it builds the compute/predict graphs with
+:func:`tcpade_fx.passes.build_graphs` and hands them to the backend (:mod:`tcpade_fx.backends`). Each call then:
 
-1. finds the step and the guidance branch (one history per branch). In a pipeline the scheduler drives this
-   (:meth:`TCPadeRuntime.begin` with its schedule): a call after the scheduler's ``step`` is the next step, at the
-   scheduler's own step index (img2img starts part-way), further calls before it are further branches, and the
-   time is the scheduler's exact grid where the model receives a float16/bfloat16 timestep. A bare transformer
-   is read off the ``timestep`` argument: calls at the same time as the previous call are further branches, a
-   new time is the next step, a time above the previous one starts a new trajectory (noted in the stats). An
-   input signature that changes resets only that branch's history; the trajectory goes on;
+1. finds the step and the guidance branch (one history per branch). A branch is the pipeline's
+   ``cache_context`` name where it gives one ("cond", "uncond"), else the call's position within the step. In a
+   pipeline the scheduler drives the steps (:meth:`TCPadeRuntime.begin` with its schedule): a call after the
+   scheduler's ``step`` is the next step, at the scheduler's own step index (img2img starts part-way), further
+   calls before it are further branches, and the time is the scheduler's exact grid where the model receives a
+   float16/bfloat16 timestep. A bare transformer is read off the ``timestep`` argument: calls at the same time as
+   the previous call are further branches, a new time is the next step, a time above the previous one starts a
+   new trajectory (noted in the stats). An input signature that changes resets only that branch's history; the
+   trajectory goes on;
 2. asks the branch's :class:`~tcpade_fx.controller.StepController` to compute or predict;
 3. computes (and checks what it would have predicted, feeding the a-posteriori error back; with
    ``Policy.modulate_denominator`` it also refits the modulation μ between Padé and its b = 0 polynomial,
    :func:`~tcpade_fx.pade.fit_modulation`) or predicts the residual with
    :func:`~tcpade_fx.pade.extrapolate_stacked` and runs the predict graph.
 
-The compute/predict decision stays in Python, outside every graph, so each graph compiles once.
+The compute/predict decision stays in Python, outside every graph, so each graph compiles once. The first call
+of a signature is served by the verified compute graph's own outputs (one reference forward, one compute graph).
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
 
+from .backends import get_backend
 from .controller import StepController
 from .pade import all_finite, extrapolate_stacked, fit_modulation, relative_error, stack_history
-from .passes import BlockStackPlan, capture_graph, flatten_call, locate_block_stack, rewrite_and_verify
+from .passes import BlockStackPlan, bind_call, build_graphs, flatten_call
 from .policy import Policy
-
-BACKENDS = ("eager", "inductor", "tensorrt")
 
 
 @dataclass
@@ -43,7 +44,7 @@ class StepRecord:
     """One transformer call: which step and branch, what was decided and how well it went."""
 
     step: int
-    branch: int
+    branch: int  # the branch's index in order of first appearance in the trajectory
     time: float
     computed: bool
     stage: str
@@ -53,6 +54,7 @@ class StepRecord:
     modulation: float | None  # predicted steps with Policy.modulate_denominator: the μ used (batch mean)
     error_estimate: float | None
     check_error: float | None  # computed steps: relative error the prediction would have had here
+    context: str | None = None  # the pipeline's cache_context name of the call ("cond", "uncond"), if any
 
 
 @dataclass
@@ -81,9 +83,11 @@ class TCPadeStats:
     def num_steps(self) -> int:
         return len({(r.step, r.time) for r in self.records})
 
-    def decisions(self, branch: int = 0) -> str:
-        """The branch's schedule as a string: ``C`` computed, ``.`` predicted."""
-        return "".join("C" if r.computed else "." for r in self.records if r.branch == branch)
+    def decisions(self, branch: int | str = 0) -> str:
+        """The schedule of a branch (its index, or its ``cache_context`` name) as a string: ``C`` computed,
+        ``.`` predicted."""
+        key = "context" if isinstance(branch, str) else "branch"
+        return "".join("C" if r.computed else "." for r in self.records if getattr(r, key) == branch)
 
     def check_errors(self) -> list[float]:
         return [r.check_error for r in self.records if r.check_error is not None]
@@ -119,30 +123,56 @@ class TCPadeStats:
 
 
 @dataclass
-class _Graphs:
+class GraphSet:
+    """The callables the runtime steps with for one input signature (from the backend, or an export's files)."""
+
     plan: BlockStackPlan
-    compute: Callable
-    predict: Callable
-    out_spec: pytree.TreeSpec
+    compute: Callable  # compute(*leaves) -> (*outputs, residual)
+    predict: Callable  # predict(*leaves, residual) -> outputs
     in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
     timestep_position: int
+    first_outputs: tuple | None = None  # the verified compute graph's outputs for the call that was captured
 
 
 @dataclass
-class _Branch:
+class Branch:
+    """One guidance branch's history: the newest ``history_size`` computed residuals (as one stacked float32
+    tensor, the form :func:`~tcpade_fx.pade.extrapolate_stacked` reads), their times, and its controller."""
+
     controller: StepController
+    index: int  # order of first appearance in the trajectory
+    per_sample: bool = True
     times: list[float] = field(default_factory=list)
-    residuals: list[torch.Tensor] = field(default_factory=list)
-    stacked: torch.Tensor | None = None  # the residuals as stack_history() gives them, rebuilt on each push
+    stacked: torch.Tensor | None = None  # (n, B, F): B = batch with per-sample statistics, else 1
+    shape: tuple[int, ...] | None = None  # the residual's shape
     modulation: torch.Tensor | float = 1.0  # μ of Policy.modulate_denominator, one per batch element
     modulation_mean: float = 1.0  # its batch mean, for the stats (read once per fit, not once per predicted step)
-    key: Any = None  # the input signature its history was computed with
+    signature: Any = None  # the input signature its history was computed with
+
+    @property
+    def residuals(self) -> list[torch.Tensor]:
+        """The history, oldest first, as views of the stacked store (no copies)."""
+        if self.stacked is None:
+            return []
+        return [r.reshape(self.shape) for r in self.stacked]
+
+    @property
+    def newest(self) -> torch.Tensor:
+        return self.stacked[-1].reshape(self.shape)
+
+    def push(self, time: float, residual: torch.Tensor, keep: int) -> None:
+        flat = stack_history([residual], self.per_sample)
+        kept = self.stacked[-(keep - 1):] if self.stacked is not None and keep > 1 else None
+        self.stacked = flat.clone() if kept is None else torch.cat([kept, flat])
+        self.times = self.times[-(keep - 1):] + [time] if keep > 1 else [time]
+        self.shape = tuple(residual.shape)
 
     def clear_history(self) -> None:
         """Forget the residuals (and the controller's error state); the step count and plan stay."""
-        self.times.clear()
-        self.residuals.clear()
+        self.times = []
         self.stacked = None
+        self.shape = None
         self.modulation, self.modulation_mean = 1.0, 1.0
         self.controller.clear_history()
 
@@ -181,37 +211,36 @@ class TCPadeRuntime:
         *,
         verify: bool = True,
         block_prefixes: tuple[str, ...] | None = None,
-        graph_source: Callable[[dict], "_Graphs"] | None = None,
+        backend_options: dict | None = None,
+        graph_source: Callable[[dict], GraphSet] | None = None,
     ):
         """``graph_source``, when given, replaces capture + backend: it is called with the bound keyword
-        arguments of each new input signature and returns the graphs to step with (the exported runners of
-        :mod:`tcpade_fx.export` plug onnxruntime sessions or TensorRT engines in this way)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        arguments of each new input signature and returns the :class:`GraphSet` to step with (the exported
+        runners of :mod:`tcpade_fx.export` plug onnxruntime sessions or TensorRT engines in this way)."""
         self.module = module
         self.policy = policy
-        self.backend = backend
+        self.backend = get_backend(backend).require() if graph_source is None else None
+        self.backend_options = dict(backend_options or {})
         self.verify = verify
         self.block_prefixes = block_prefixes
         self.graph_source = graph_source
-        self.signature = inspect.signature(type(module).forward)
         self.stats = TCPadeStats()
-        self._graphs: dict[Any, _Graphs] = {}
-        self._current_key: Any = None
+        self._graph_sets: dict[Any, GraphSet] = {}
+        self._current_signature: Any = None
         self._num_steps: int | None = None
-        self._announced = False
         self._driven = False
         self._time_grids: list[_TimeGrid] = []
+        self._rounded_times_noted = False
         self._step_index: Callable[[], int | None] | None = None
         self.reset()
 
     # -- trajectory state ------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every history; the next call starts a new trajectory."""
-        self._branches: dict[int, _Branch] = {}
+        self._branches: dict[Any, Branch] = {}
         self._step = -1
         self._last_time: float | None = None
-        self._branch = 0
+        self._position = 0  # the call's position within its step
         self._step_pending = True
 
     def begin(
@@ -235,36 +264,34 @@ class TCPadeRuntime:
         self.reset()
         self.stats = TCPadeStats(compiles=self.stats.compiles)
         self._num_steps = num_steps
-        self._announced = True
         self._driven = schedule is not None
         self._time_grids = [_TimeGrid([float(v) for v in grid]) for grid in schedule or ()]
+        self._rounded_times_noted = False
         self._step_index = step_index
 
     def step_done(self) -> None:
         """The scheduler finished a step: the next call starts the next one (pipelines call this)."""
         self._step_pending = True
 
+    # -- introspection ---------------------------------------------------------------------------------------
+    @property
+    def graphs(self) -> GraphSet | None:
+        """The graph set of the current input signature (None before the first call)."""
+        return self._graph_sets.get(self._current_signature)
+
+    @property
+    def graph_sets(self) -> int:
+        """How many input signatures have a graph set held."""
+        return len(self._graph_sets)
+
+    @property
+    def branches(self) -> dict[Any, Branch]:
+        """The current trajectory's branches, keyed by ``cache_context`` name or position within the step."""
+        return dict(self._branches)
+
     # -- capture ---------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _original_forward(self):
-        installed = self.module.__dict__.pop("forward", None)
-        try:
-            yield
-        finally:
-            if installed is not None:
-                self.module.forward = installed
-
-    def _bind(self, args: tuple, kwargs: dict) -> dict:
-        bound = self.signature.bind(self.module, *args, **kwargs)
-        named = dict(bound.arguments)
-        named.pop(next(iter(self.signature.parameters)))  # self
-        for name, p in self.signature.parameters.items():
-            if p.kind is inspect.Parameter.VAR_KEYWORD and name in named:
-                named.update(named.pop(name))
-        return named
-
     @staticmethod
-    def _key(leaves: list, spec: pytree.TreeSpec) -> tuple:
+    def _signature_of(leaves: list, spec: pytree.TreeSpec) -> tuple:
         parts = []
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
@@ -273,93 +300,77 @@ class TCPadeRuntime:
                 parts.append(("V", repr(leaf)))
         return (str(spec), tuple(parts))
 
-    def _build(self, kwargs: dict) -> _Graphs:
+    def _build(self, kwargs: dict, forward: Callable | None) -> GraphSet:
         if self.graph_source is not None:
             return self.graph_source(kwargs)
-        if "timestep" not in kwargs or not isinstance(kwargs["timestep"], torch.Tensor):
-            raise TypeError(
-                f"{type(self.module).__name__} was called without a tensor `timestep`; tcpade_fx identifies steps "
-                "by the model time, so pass timestep=<tensor>"
-            )
-        with self._original_forward():
-            captured = capture_graph(self.module, (), kwargs)
-        gm = captured.graph_module
-        plan = locate_block_stack(gm, self.block_prefixes)
-        compute, predict = rewrite_and_verify(gm, plan, captured.example_leaves, self.verify)
+        graphs = build_graphs(self.module, kwargs, forward=forward, block_prefixes=self.block_prefixes,
+                              verify=self.verify)
         self.stats.captures += 1
-        return _Graphs(
-            plan=plan,
-            compute=self._backend_compile(compute, "compute"),
-            predict=self._backend_compile(predict, "predict"),
-            out_spec=captured.out_spec,
-            in_spec=captured.in_spec,
-            timestep_position=_leaf_index_of(kwargs, "timestep", captured.in_spec),
+        self.stats.notes.extend(graphs.notes)
+        compile_graph, options = self.backend.compile_graph, self.backend_options
+        return GraphSet(
+            plan=graphs.plan,
+            compute=compile_graph(graphs.compute, "compute", self._count_compile, **options),
+            predict=compile_graph(graphs.predict, "predict", self._count_compile, **options),
+            in_spec=graphs.in_spec,
+            out_spec=graphs.out_spec,
+            timestep_position=graphs.timestep_position,
+            first_outputs=(*graphs.outputs, graphs.residual) if graphs.outputs is not None else None,
         )
 
-    def _backend_compile(self, gm: torch.fx.GraphModule, name: str) -> Callable:
-        if self.backend == "eager":
-            return gm
-        if self.backend == "tensorrt":
-            from .export.tensorrt import compile_graph_tensorrt
-
-            return compile_graph_tensorrt(gm, name, self.stats)
-        from torch._inductor.compile_fx import compile_fx
-
-        stats = self.stats
-
-        def counting_inductor(graph: torch.fx.GraphModule, example_inputs):
-            stats.compiles[name] = stats.compiles.get(name, 0) + 1
-            return compile_fx(graph, example_inputs)
-
-        return torch.compile(gm, backend=counting_inductor, fullgraph=True, dynamic=False)
+    def _count_compile(self, name: str) -> None:
+        self.stats.compiles[name] = self.stats.compiles.get(name, 0) + 1
 
     # -- the call --------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        kwargs = self._bind(args, kwargs)
-        graphs_now = self._graphs.get(self._current_key)
-        leaves, spec = flatten_call((), kwargs, graphs_now.in_spec if graphs_now else None)
-        key = self._key(leaves, spec)
+        return self.call(args, kwargs)
+
+    def call(self, args: tuple, kwargs: dict, *, forward: Callable | None = None, context: str | None = None):
+        """One transformer call. ``forward`` is what a capture traces (the forward below the runtime's hook, so
+        that other libraries' hooks are captured as they run); ``context`` the pipeline's ``cache_context``
+        name, which keys the branch's history."""
+        kwargs = bind_call(self.module, args, kwargs)
+        current = self._graph_sets.get(self._current_signature)
+        leaves, spec = flatten_call((), kwargs, current.in_spec if current else None)
+        signature = self._signature_of(leaves, spec)
         captured = False
-        if key not in self._graphs:
-            self._graphs[key] = self._build(kwargs)
+        if signature not in self._graph_sets:
+            self._graph_sets[signature] = self._build(kwargs, forward)
             captured = True
-        self._current_key = key
-        graphs = self._graphs[key]
+        self._current_signature = signature
+        graphs = self._graph_sets[signature]
         timestep = leaves[graphs.timestep_position]
         time = float(timestep.reshape(-1)[0])
-        branch = self._advance(time)
+        branch = self._advance(time, context)
         if self._driven and timestep.dtype in (torch.float16, torch.bfloat16):
             time = self._scheduled_time(time, timestep.dtype)
-        if branch.key != key:
+        if branch.signature != signature:
             # a history is only valid for the signature it was computed with; the trajectory (step count, stage,
             # budget) goes on. Per branch: true CFG whose two prompts differ in length keeps both histories.
-            if branch.key is not None:
-                self.stats.notes.append(
-                    f"input signature changed at call {len(self.stats.records)} (step {self._step}, branch "
-                    f"{self._branch}): graphs {'re-captured' if captured else 'reused'}, its history reset"
-                )
+            where = f"call {len(self.stats.records)} (step {self._step}, branch {branch.index})"
+            if branch.signature is not None:
+                self.stats.notes.append(f"input signature changed at {where}: graphs "
+                                        f"{'re-captured' if captured else 'reused'}, its history reset")
                 branch.clear_history()
-            elif captured and len(self._graphs) > 1:
-                self.stats.notes.append(
-                    f"new input signature at call {len(self.stats.records)} (step {self._step}, branch "
-                    f"{self._branch}): graphs re-captured ({len(self._graphs)} signatures kept)"
-                )
-            branch.key = key
+            elif captured and len(self._graph_sets) > 1:
+                self.stats.notes.append(f"new input signature at {where}: graphs re-captured "
+                                        f"({len(self._graph_sets)} signatures kept)")
+            branch.signature = signature
         with torch.no_grad():
-            flat = self._run(graphs, branch, leaves, time)
+            flat = self._run(graphs, branch, leaves, time, context)
         return pytree.tree_unflatten(list(flat), graphs.out_spec)
 
-    def _advance(self, time: float) -> _Branch:
+    def _advance(self, time: float, context: str | None) -> Branch:
         if self._driven:
             if self._step_pending:
                 index = self._step_index() if self._step_index is not None else None
                 self._step = index if index is not None and index > self._step else self._step + 1
-                self._branch = 0
+                self._position = 0
                 self._step_pending = False
             else:
-                self._branch += 1
+                self._position += 1
         elif self._last_time is not None and time == self._last_time:
-            self._branch += 1
+            self._position += 1
         else:
             if self._last_time is not None and time > self._last_time:
                 self.stats.notes.append(
@@ -367,15 +378,15 @@ class TCPadeRuntime:
                     "treated as a new trajectory, histories reset"
                 )
                 self.reset()
-                # begin() clears _last_time, so this trajectory was not announced: an earlier num_steps is stale
-                self._num_steps = None
-                self._announced = False
+                self._num_steps = None  # begin() was not called for this trajectory: an earlier num_steps is stale
             self._step += 1
-            self._branch = 0
+            self._position = 0
             self._last_time = time
-        if self._branch not in self._branches:
-            self._branches[self._branch] = _Branch(StepController(self.policy, self._num_steps))
-        return self._branches[self._branch]
+        key = context if context is not None else self._position
+        if key not in self._branches:
+            self._branches[key] = Branch(StepController(self.policy, self._num_steps), index=len(self._branches),
+                                         per_sample=self.policy.per_sample)
+        return self._branches[key]
 
     def _scheduled_time(self, received: float, dtype: torch.dtype) -> float:
         """The step's time from the scheduler's grid, in the model's units, where the rounded ``received`` value
@@ -385,64 +396,62 @@ class TCPadeRuntime:
             time = grid.time(self._step, received, tolerance)
             if time is not None:
                 return time
-        if not any("does not follow" in n for n in self.stats.notes):
+        if not self._rounded_times_noted:
+            self._rounded_times_noted = True
             self.stats.notes.append(
                 f"step {self._step}: the {dtype} timestep {received:g} does not follow the scheduler's time grid; "
                 "extrapolating on the rounded model times (pass the timestep in float32 for exact gaps)"
             )
         return received
 
-    def _run(self, graphs: _Graphs, branch: _Branch, leaves: list, time: float) -> tuple:
+    def _run(self, graphs: GraphSet, branch: Branch, leaves: list, time: float, context: str | None) -> tuple:
         p = self.policy
         step = self._step
         decision = branch.controller.decide(step, time)
-        check_error = None
+        first, graphs.first_outputs = graphs.first_outputs, None  # serves only the call that was captured
+        record = dict(step=step, branch=branch.index, context=context, time=time, decision=decision)
         # the controller's effective order: on two history points Padé [0/1], not the Taylor-1 that
         # extrapolate(order=1) would substitute; measured on mnist-dit, 20 steps, "balanced" (48 seeds, the first
         # prediction has two points): 37.1 dB with [0/1], 32.4 dB with Taylor-1
         if not decision.compute:
             residual = extrapolate_stacked(
-                branch.times, branch.stacked, time, like=branch.residuals[-1], method=p.method,
+                branch.times, branch.stacked, time, like=branch.newest, method=p.method,
                 order=max(decision.order, 0), eps=p.eps, pole_margin=p.pole_margin,
                 damping=decision.damping, modulation=branch.modulation,
             )
             if all_finite(residual):
                 out = graphs.predict(*leaves, residual)
                 branch.controller.record_predict()
-                mu = branch.modulation_mean if self._modulates else None
-                self._record(step, time, decision, None, modulation=mu)
+                self._record(**record, modulation=branch.modulation_mean if self._modulates else None)
                 return out
             self.stats.notes.append(f"step {step}: predicted residual not finite, computed instead")
-        *out, residual = graphs.compute(*leaves)
+        *out, residual = first if first is not None else graphs.compute(*leaves)
         if not all_finite(residual):
             self.stats.notes.append(f"step {step}: block-stack residual not finite, history cleared")
             branch.clear_history()
-            self._record(step, time, decision, None, computed=True)
+            self._record(**record, computed=True)
             return out
-        velocity = None
-        if branch.residuals:
+        check_error = velocity = None
+        if branch.stacked is not None:
             predicted = self._check_and_modulate(branch, residual, time, max(decision.order, 0))
             check_error = float(relative_error(residual, predicted, per_sample=p.per_sample).max())
-            last, dt = branch.residuals[-1], abs(time - branch.times[-1])
+            dt = abs(time - branch.times[-1])
             if dt > 0:
-                velocity = float(relative_error(residual, last, per_sample=False).max()) / dt
+                velocity = float(relative_error(residual, branch.newest, per_sample=False).max()) / dt
         branch.controller.record_compute(step, time, check_error, velocity)
-        branch.times.append(time)
-        branch.residuals.append(residual)
-        del branch.times[: -p.history_size], branch.residuals[: -p.history_size]
-        branch.stacked = stack_history(branch.residuals, p.per_sample)
-        self._record(step, time, decision, check_error, computed=True)
+        branch.push(time, residual, p.history_size)
+        self._record(**record, check_error=check_error, computed=True)
         return out
 
     @property
     def _modulates(self) -> bool:
         return self.policy.method == "pade" and self.policy.modulate_denominator
 
-    def _check_and_modulate(self, branch: _Branch, residual: torch.Tensor, time: float, order: int) -> torch.Tensor:
+    def _check_and_modulate(self, branch: Branch, residual: torch.Tensor, time: float, order: int) -> torch.Tensor:
         """What the branch would have predicted at this computed step; with ``modulate_denominator``, also fit the
         modulation μ to this residual for the predictions that follow."""
         p = self.policy
-        kw = dict(like=branch.residuals[-1], order=order, eps=p.eps, pole_margin=p.pole_margin)
+        kw = dict(like=branch.newest, order=order, eps=p.eps, pole_margin=p.pole_margin)
         if not self._modulates:
             return extrapolate_stacked(branch.times, branch.stacked, time, method=p.method, **kw)
         pade = extrapolate_stacked(branch.times, branch.stacked, time, method="pade", **kw)
@@ -457,30 +466,9 @@ class TCPadeRuntime:
         branch.modulation_mean = float(branch.modulation.mean())
         return predicted
 
-    def _record(self, step, time, decision, check_error, computed: bool = False, modulation=None) -> None:
-        self.stats.records.append(
-            StepRecord(
-                step=step, branch=self._branch, time=time, computed=computed, stage=decision.stage,
-                reason=decision.reason, order=decision.order, damping=decision.damping, modulation=modulation,
-                error_estimate=decision.error_estimate, check_error=check_error,
-            )
-        )
-
-    # -- introspection ---------------------------------------------------------------------------------------
-    @property
-    def graphs(self) -> _Graphs | None:
-        """The graphs of the current input signature (None before the first call)."""
-        return self._graphs.get(self._current_key)
-
-
-def _leaf_index_of(kwargs: dict, name: str, in_spec: pytree.TreeSpec) -> int:
-    marked = {k: (_Marker() if k == name else v) for k, v in kwargs.items()}
-    leaves, _ = flatten_call((), marked, in_spec)
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, _Marker):
-            return i
-    raise KeyError(name)
-
-
-class _Marker:
-    pass
+    def _record(self, step, branch, context, time, decision, check_error=None, computed=False, modulation=None):
+        self.stats.records.append(StepRecord(
+            step=step, branch=branch, time=time, computed=computed, stage=decision.stage, reason=decision.reason,
+            order=decision.order, damping=decision.damping, modulation=modulation,
+            error_estimate=decision.error_estimate, check_error=check_error, context=context,
+        ))

@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcpade_fx import Policy, StepController, extrapolate, relative_error
-from tcpade_fx.policy import needed_nodes
+from tcpade_fx.pade import needed_nodes
 
 FAST = settings(max_examples=80, deadline=None)
 

@@ -19,7 +19,10 @@ from torch.utils import _pytree as pytree
 import tcpade_fx
 import tcpade_fx.models
 from tcpade_fx.export import ManifestMismatchError, TensorRTUnavailableError, load, to_onnx, to_tensorrt
-from tcpade_fx.export._capture import capture_for_export, graph_errors, resize_batch, weights_sha256
+from tcpade_fx.export.capture import capture_for_export
+from tcpade_fx.export.checks import graph_errors
+from tcpade_fx.export.hashing import weights_sha256
+from tcpade_fx.passes.dynamic import resize_batch
 from tcpade_fx.export.tensorrt import prepare_tensorrt_export, require_tensorrt
 from tcpade_fx.metrics import psnr, seeded_latents
 

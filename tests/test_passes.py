@@ -254,7 +254,7 @@ def test_verify_rejects_graphs_that_fail_or_differ():
 
 
 def test_runtime_refuses_a_wrong_plan_before_installing_anything(monkeypatch):
-    import tcpade_fx.runtime as runtime
+    import tcpade_fx.passes.pipeline as pipeline
 
     module, kwargs = TINY_TRANSFORMERS["dit"]()
     with torch.no_grad():
@@ -264,7 +264,7 @@ def test_runtime_refuses_a_wrong_plan_before_installing_anything(monkeypatch):
         c = Case(module, kwargs, gm, [], locate_block_stack(gm, prefixes))
         return dataclasses.replace(c.plan, body_input=_timestep_embedding_node(c).name)
 
-    monkeypatch.setattr(runtime, "locate_block_stack", wrong_locate)
+    monkeypatch.setattr(pipeline, "locate_block_stack", wrong_locate)
     tcpade_fx.compile(module, "balanced")
     with pytest.raises(VerificationError):
         module(**kwargs)

@@ -163,7 +163,14 @@ def test_transformer_level_compile_in_a_hand_written_loop(built):
 @pytest.mark.parametrize("built", ["wan", "flux_true_cfg"], indirect=True)
 def test_separate_call_cfg_keeps_one_history_per_branch(built, monkeypatch):
     pipe = tcpade_fx.compile(built.pipe, policy="balanced")
-    out = run(pipe, built.kwargs)
+    histories = {}
+
+    def at_the_last_step(pipeline, i, t, callback_kwargs):  # histories are freed when the pipeline call ends
+        if i == STEPS - 1:
+            histories.update({b.index: [r.clone() for r in b.residuals] for b in pipeline.tcpade.branches.values()})
+        return callback_kwargs
+
+    out = run(pipe, {**built.kwargs, "callback_on_step_end": at_the_last_step})
     runtime: TCPadeRuntime = pipe.tcpade
     stats = runtime.stats
     by_branch = {b: [r for r in stats.records if r.branch == b] for b in (0, 1)}
@@ -172,16 +179,20 @@ def test_separate_call_cfg_keeps_one_history_per_branch(built, monkeypatch):
         assert [r.step for r in records] == list(range(STEPS))
     # the two calls of a step share its time; each branch keeps its own residuals
     assert [r.time for r in by_branch[0]] == [r.time for r in by_branch[1]]
-    assert set(runtime._branches) == {0, 1}
-    h0, h1 = runtime._branches[0].residuals, runtime._branches[1].residuals
+    assert set(histories) == {0, 1}
+    h0, h1 = histories[0], histories[1]
+    # the pipeline names its branches with cache_context: the records carry the names, in call order
+    assert [r.context for r in stats.records[:2]] == ["cond", "uncond"]
+    assert stats.decisions("cond") == stats.decisions(0) and stats.decisions("uncond") == stats.decisions(1)
+    assert runtime.branches == {}  # freed at the end of the call (diffusers resets stateful hooks)
     assert h0 and h1 and not torch.equal(h0[-1], h1[-1])
     separate_errors = stats.check_errors()
 
     # the same run with one history shared by both branches (what a per-module cache does) predicts worse
     original_advance = TCPadeRuntime._advance
 
-    def shared_advance(self, time):
-        branch = original_advance(self, time)
+    def shared_advance(self, time, context):
+        branch = original_advance(self, time, context)
         return self._branches.setdefault("shared", branch)
 
     monkeypatch.setattr(TCPadeRuntime, "_advance", shared_advance)
@@ -204,7 +215,7 @@ def test_batched_cfg_is_one_branch_over_the_doubled_batch(built):
     assert {r.branch for r in stats.records} == {0} and len(stats.records) == STEPS
     prompts = 2 if built.family == "dit" else 1  # DiT samples the two class labels, the others one prompt
     assert built.first_call["hidden_states"].shape[0] == 2 * prompts
-    assert pipe.tcpade._branches[0].residuals[-1].shape[0] == 2 * prompts
+    assert pipe.tcpade.branches[0].residuals[-1].shape[0] == 2 * prompts
 
 
 def test_img2img_starts_part_way_and_still_computes_the_last_step():

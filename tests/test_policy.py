@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import tcpade_fx
 from tcpade_fx import PRESET_AIMS, PRESETS, Policy
-from tcpade_fx.policy import needed_nodes, resolve_policy
+from tcpade_fx.pade import needed_nodes
+from tcpade_fx.policy import resolve_policy
 
 FAST = settings(max_examples=80, deadline=None)
 NAMED = ("quality", "balanced", "fast")

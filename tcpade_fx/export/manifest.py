@@ -17,14 +17,18 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..policy import PRESETS, Policy, resolve_policy
-from ._capture import BATCH, ExportCapture, axis_expr, file_sha256
+from ..backends import GraphFileError
+from ..backends.registry import dtype_name
+from ..passes.dynamic import BATCH, axis_expr
+from .capture import ExportCapture
+from .hashing import file_sha256
 
 FORMAT = "tcpade-fx-export"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class ManifestMismatchError(ValueError):
+class ManifestMismatchError(GraphFileError):
     """The export folder does not match this library, the requested policy or the inputs it is called with."""
 
 
@@ -32,10 +36,6 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def dtype_of(name: str) -> torch.dtype:

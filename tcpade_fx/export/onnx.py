@@ -24,7 +24,7 @@ Why two graphs, ``compute`` and ``predict``, rather than head/body/tail pieces o
 Shapes: the batch axis (axis 0 of every input whose first size is the example batch) is exported as the symbolic
 dimension ``batch`` when torch.export accepts it, and every other axis the model leaves free as a token dimension
 named after its example size (Flux: ``tokens_16`` for the image tokens and ``img_ids`` rows, ``tokens_8`` for the
-text tokens and ``txt_ids`` rows); how they are found is in :mod:`tcpade_fx.export._capture`. The others are
+text tokens and ``txt_ids`` rows); how they are found is in :mod:`tcpade_fx.passes.dynamic`. The others are
 static, with the reason in the manifest (``static_axes`` of each input, and ``notes``): DiT's unpatchify and
 position embedding fix its token count. Export with a batch of at least 2 (with CFG, one label is enough).
 Non-tensor arguments (``return_dict=False``) are specialised in the graphs; the manifest records their values
@@ -42,34 +42,15 @@ from pathlib import Path
 import torch
 
 from ..policy import Policy, resolve_policy
-from ._capture import (
-    BATCH, ExportCapture, TensorOnly, capture_for_export, file_sha256, graph_errors, probe_size, resize_dims,
-    weights_sha256,
-)
+from ..backends import TensorOnly
+from ..backends.onnxruntime import onnx_io, ort_session
+from ..passes.dynamic import BATCH, probe_size, resize_dims
+from .capture import ExportCapture, capture_for_export
+from .checks import graph_errors, reference_outputs
+from .hashing import file_sha256, weights_sha256
 from .manifest import base_manifest, write_manifest
 
 RESIDUAL = "tcpade_residual"
-#: ONNX TensorProto element types → torch dtype names.
-ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
-               11: "float64", 16: "bfloat16"}
-
-
-def _io(values) -> list[dict]:
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        shape = [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in t.shape.dim]
-        out.append({"name": v.name, "dtype": ONNX_DTYPES.get(t.elem_type, f"onnx:{t.elem_type}"), "shape": shape})
-    return out
-
-
-def onnx_io(path: Path) -> tuple[list[dict], list[dict], int]:
-    """Inputs, outputs (name, dtype, shape with dim names) and the default-domain opset of an ONNX file."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return _io(model.graph.input), _io(model.graph.output), opset
 
 
 def _export_one(cap: ExportCapture, which: str, path: Path, opset: int | None) -> None:
@@ -97,17 +78,6 @@ def _export_one(cap: ExportCapture, which: str, path: Path, opset: int | None) -
     program.save(str(path))
 
 
-def _ort_session(path: Path, threads: int | None = 1, providers=None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-
-
 def _run(session, names: list[str], tensors) -> list[torch.Tensor]:
     wanted = {i.name for i in session.get_inputs()}
     feeds = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, tensors) if n in wanted}
@@ -116,11 +86,9 @@ def _run(session, names: list[str], tensors) -> list[torch.Tensor]:
 
 def _check(cap: ExportCapture, folder: Path, tolerance: float) -> dict:
     """ORT vs PyTorch on the example call; for a dynamic batch also at batch 1 and batch + 1, for dynamic token
-    axes also with every token dimension at :func:`~._capture.probe_size` of its example (example batch)."""
-    from torch.utils import _pytree as pytree
-
-    compute = _ort_session(folder / "compute.onnx")
-    predict = _ort_session(folder / "predict.onnx")
+    axes also with every token dimension at :func:`~tcpade_fx.passes.dynamic.probe_size` of its example (example batch)."""
+    compute = ort_session(folder / "compute.onnx", threads=1)
+    predict = ort_session(folder / "predict.onnx", threads=1)
     names = cap.tensor_names
     runs: list[dict] = [{}]
     if cap.batch_leaves:
@@ -130,13 +98,10 @@ def _check(cap: ExportCapture, folder: Path, tolerance: float) -> dict:
         runs.append({n: probe_size(e) + examples[:k].count(e)
                      for k, (n, e) in enumerate(zip(cap.token_dims, examples))})
     report: dict = {"tolerance": tolerance, "batches": []}
-    module = cap.module
     for sizes in runs:
         size = sizes.get(BATCH, cap.batch_size)
         leaves = resize_dims(cap.leaves, cap.dynamic_axes, sizes) if sizes else cap.leaves
-        _, kwargs = pytree.tree_unflatten(leaves, cap.in_spec)
-        with torch.no_grad():
-            ref = [t for t in pytree.tree_leaves(type(module).forward(module, **kwargs)) if isinstance(t, torch.Tensor)]
+        ref = reference_outputs(cap.module, leaves, cap.in_spec)
         tensors = [leaves[i] for i in cap.tensor_positions]
         *outs, residual = _run(compute, names, tensors)
         pred = _run(predict, names + [RESIDUAL], tensors + [residual])

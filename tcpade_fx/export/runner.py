@@ -21,8 +21,12 @@ from typing import Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from ..backends import GraphFile, backend_for_format
+from ..integration import install_runtime, remove_runtime, transformer_of
+from ..passes import BlockStackPlan, flatten_call
 from ..policy import Policy
-from ..runtime import TCPadeRuntime, _Graphs
+from ..runtime import GraphSet, TCPadeRuntime
+from .hashing import weights_sha256
 from .manifest import (
     ManifestMismatchError,
     check_call,
@@ -31,32 +35,6 @@ from .manifest import (
     read_manifest,
     resolve_load_policy,
 )
-
-
-class OnnxGraph:
-    """One ONNX graph as the runtime calls it: ``graph(*call_leaves[, residual]) -> tuple of tensors``."""
-
-    def __init__(self, path: Path, input_names: list[str], tensor_positions: list[int], num_leaves: int,
-                 threads: int | None = None, providers=None, session_options=None):
-        import onnxruntime as ort
-
-        options = session_options or ort.SessionOptions()
-        if threads and session_options is None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-        present = {i.name for i in self.session.get_inputs()}
-        self._inputs = [(name, pos) for name, pos in zip(input_names, tensor_positions) if name in present]
-        self._extra = [name for name in input_names[len(tensor_positions):] if name in present]
-        self._num_leaves = num_leaves
-
-    def __call__(self, *args):
-        leaves, extra = args[: self._num_leaves], args[self._num_leaves:]
-        device = next((x.device for x in args if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        feeds = {name: leaves[pos].detach().cpu().contiguous().numpy() for name, pos in self._inputs}
-        feeds.update({name: t.detach().cpu().contiguous().numpy() for name, t in zip(self._extra, extra)})
-        outs = self.session.run(None, feeds)
-        return tuple(torch.from_numpy(o).to(device) for o in outs)
 
 
 class ExportedTCPade:
@@ -77,10 +55,8 @@ class ExportedTCPade:
     def backend(self) -> str:
         return self.manifest["backend"]
 
-    def graphs_for(self, kwargs: dict) -> _Graphs:
+    def graphs_for(self, kwargs: dict) -> GraphSet:
         """The runtime's ``graph_source``: check a new call signature against the manifest, return the graphs."""
-        from ..passes import BlockStackPlan, flatten_call
-
         leaves, spec = flatten_call((), kwargs, self.in_spec)
         check_call(self.manifest, leaves, spec)
         stack = self.manifest["block_stack"]
@@ -88,12 +64,12 @@ class ExportedTCPade:
             prefixes=tuple(stack["prefixes"]), num_blocks=stack["num_blocks"], body_nodes=frozenset(),
             body_input=stack["body_input"], body_output=stack["body_output"],
         )
-        return _Graphs(plan=plan, compute=self.compute, predict=self.predict, out_spec=self.out_spec,
+        return GraphSet(plan=plan, compute=self.compute, predict=self.predict, out_spec=self.out_spec,
                        in_spec=self.in_spec, timestep_position=self.timestep_position)
 
     def runtime(self, module: torch.nn.Module) -> TCPadeRuntime:
         """A :class:`TCPadeRuntime` for ``module`` (used for its forward signature) that runs these graphs."""
-        return TCPadeRuntime(module, self.policy, "eager", verify=False, graph_source=self.graphs_for)
+        return TCPadeRuntime(module, self.policy, verify=False, graph_source=self.graphs_for)
 
     def install(self, target, *, check_weights: bool = True):
         """Make ``target`` (pipeline or transformer) sample through these graphs; returns it, like
@@ -102,18 +78,14 @@ class ExportedTCPade:
         With ``check_weights`` the transformer's state_dict hash must be the exported one (the graphs carry
         their own weights; a different transformer would mean the pipeline and the export disagree).
         """
-        from ..api import _transformer_of, disable, install
-        from ._capture import weights_sha256
-
-        transformer = _transformer_of(target)
+        transformer = transformer_of(target)
         model_class = f"{type(transformer).__module__}.{type(transformer).__name__}"
         if model_class != self.manifest["model_class"]:
             raise ManifestMismatchError(
                 f"the export is of a {self.manifest['model_class']}, the target's transformer is a {model_class}"
             )
         if check_weights:
-            if getattr(transformer, "tcpade", None) is not None:
-                disable(target)
+            remove_runtime(target)
             digest = weights_sha256(transformer)
             if digest != self.manifest["weights_sha256"]:
                 raise ManifestMismatchError(
@@ -121,11 +93,15 @@ class ExportedTCPade:
                     f"({self.manifest['weights_sha256'][:16]}…); pass check_weights=False to run the exported "
                     "graphs regardless"
                 )
-        return install(target, self.runtime(transformer))
+        return install_runtime(target, self.runtime(transformer))
 
     def __repr__(self) -> str:
         return (f"ExportedTCPade({str(self.folder)!r}, backend={self.backend!r}, policy={self.policy.name!r}, "
                 f"model={self.manifest['model_class'].rsplit('.', 1)[-1]})")
+
+
+def _declared(entries: list[dict]) -> list[dict]:
+    return [{k: e[k] for k in ("name", "dtype", "shape")} for e in entries]
 
 
 def _graph_inputs(manifest: dict, which: str) -> tuple[list[str], list[int]]:
@@ -163,7 +139,12 @@ def load(
     graphs = manifest.get("graphs", {})
     if set(graphs) != {"compute", "predict"}:
         raise ManifestMismatchError(f"manifest lists graphs {sorted(graphs)}; expected compute and predict")
-    backend = manifest["backend"]
+    try:
+        backend = backend_for_format(manifest["backend"]).require()
+    except ValueError as exc:
+        raise ManifestMismatchError(f"manifest backend {manifest['backend']!r}: {exc}") from None
+    onnx_options = {"threads": threads, "providers": providers, "session_options": session_options}
+    options = onnx_options if backend.file_format == "onnx" else {}
     num_leaves = len(manifest["call"]["leaves"])
     built = {}
     for which in ("compute", "predict"):
@@ -172,17 +153,10 @@ def load(
         if "external_data" in entry:
             check_graph_file(folder, f"{which} external data", entry["external_data"])
         names, positions = _graph_inputs(manifest, which)
-        if backend == "onnx":
-            from .onnx import onnx_io
 
-            inputs, outputs, _ = onnx_io(path)
-            compare_io(which, entry["inputs"], inputs, "inputs")
-            compare_io(which, entry["outputs"], outputs, "outputs")
-            built[which] = OnnxGraph(path, names, positions, num_leaves, threads, providers, session_options)
-        elif backend == "tensorrt":
-            from .tensorrt import TensorRTEngineGraph
+        def check_io(inputs, outputs, which=which, entry=entry):
+            compare_io(which, _declared(entry["inputs"]), inputs, "inputs")
+            compare_io(which, _declared(entry["outputs"]), outputs, "outputs")
 
-            built[which] = TensorRTEngineGraph(path, entry, num_leaves)
-        else:
-            raise ManifestMismatchError(f"manifest backend {backend!r} is not one of 'onnx', 'tensorrt'")
+        built[which] = backend.load_graph(GraphFile(path, entry, names, positions, num_leaves), check_io, **options)
     return ExportedTCPade(folder, manifest, chosen, built["compute"], built["predict"])

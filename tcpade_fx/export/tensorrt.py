@@ -1,17 +1,12 @@
-"""TensorRT: the ``backend="tensorrt"`` compiler of the runtime, and engine export with the ONNX manifest.
+"""TensorRT engine export with the ONNX manifest (the ``backend="tensorrt"`` compiler of the runtime and the
+engine runner are in :mod:`tcpade_fx.backends.tensorrt`).
 
-Two uses, one engine per graph (``compute`` and ``predict``), the decision staying in Python:
-
-* ``tcpade_fx.compile(pipe, backend="tensorrt")`` calls :func:`compile_graph_tensorrt` for each graph: at its first
-  call the graph is exported (``torch.export``, tensor inputs only, constants baked in) and compiled with
-  ``torch_tensorrt.dynamo.compile(exported_program, arg_inputs=[...])`` on the call's inputs (static shapes; the
-  runtime builds graphs per input signature anyway).
-* :func:`to_tensorrt` writes ``compute.engine``, ``predict.engine`` (raw serialized engines from
+One engine per graph (``compute`` and ``predict``), the decision staying in Python: :func:`to_tensorrt` writes ``compute.engine``, ``predict.engine`` (raw serialized engines from
   ``torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine``, dynamic batch through
   ``torch_tensorrt.Input(min_shape, opt_shape, max_shape)``; token axes static, see the manifest's
   ``static_axes``) and the same ``manifest.json`` as
   :func:`tcpade_fx.export.to_onnx`. :func:`tcpade_fx.export.load` opens it and runs the engines with the
-  ``tensorrt`` Python runtime (``deserialize_cuda_engine`` + ``execute_async_v3`` on torch CUDA tensors). Raw
+``tensorrt`` Python runtime (``deserialize_cuda_engine`` + ``execute_async_v3`` on torch CUDA tensors). Raw
   engines rather than ``torch_tensorrt.save``: the ``.ep`` format stores pickled pieces and needs Torch-TensorRT's
   C++ runtime to load; an engine file is plain TensorRT and nothing in the folder is unpickled.
 
@@ -39,76 +34,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
+from ..backends import GraphFile, TensorOnly
+from ..backends.tensorrt import (
+    TensorRTEngineGraph, TensorRTUnavailableError, deserialize_engine, engine_io, require_tensorrt,
+)
 from ..policy import Policy, resolve_policy
-from ._capture import ExportCapture, TensorOnly, capture_for_export, file_sha256, graph_errors, weights_sha256
-from .manifest import ManifestMismatchError, base_manifest, dtype_name, write_manifest
+from .capture import ExportCapture, capture_for_export
+from .checks import graph_errors, reference_outputs
+from .hashing import file_sha256, weights_sha256
+from .manifest import base_manifest, write_manifest
 
 RESIDUAL = "tcpade_residual"
-
-
-class TensorRTUnavailableError(RuntimeError):
-    """torch_tensorrt, tensorrt or CUDA is missing; the message says what to install."""
-
-
-def _install_hint() -> str:
-    major_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    return (
-        "TensorRT needs an NVIDIA GPU with its driver, a CUDA build of torch (e.g. `pip install "
-        f"torch=={torch.__version__.split('+')[0]} --index-url https://download.pytorch.org/whl/cu130`) and "
-        f'Torch-TensorRT for that torch: `pip install "torch-tensorrt=={major_minor}.*"` (it brings tensorrt-cu13 '
-        "from https://pypi.nvidia.com). Without them, export ONNX instead (tcpade_fx.export.to_onnx) and run it "
-        "with onnxruntime, or build engines from the ONNX files with trtexec."
-    )
-
-
-def require_tensorrt():
-    """Return the ``torch_tensorrt`` module, or raise :class:`TensorRTUnavailableError` saying what is missing."""
-    missing = []
-    torch_tensorrt = None
-    try:
-        import torch_tensorrt  # noqa: F811
-    except Exception as exc:  # ImportError, or a broken install raising OSError on its shared libraries
-        missing.append(f"torch_tensorrt is not importable ({type(exc).__name__}: {exc})")
-    if not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        missing.append(f"CUDA is not available (torch {torch.__version__} is {build}, or no GPU is visible)")
-    if missing:
-        raise TensorRTUnavailableError("TensorRT backend unavailable: " + "; ".join(missing) + ". " + _install_hint())
-    return torch_tensorrt
-
-
-def _tensor_positions(args) -> list[int]:
-    return [i for i, x in enumerate(args) if isinstance(x, torch.Tensor)]
-
-
-def compile_graph_tensorrt(gm: torch.fx.GraphModule, name: str, stats=None, **settings) -> Callable:
-    """The runtime's ``backend="tensorrt"`` compiler: a callable ``(*args) -> tuple`` that compiles ``gm`` with
-    Torch-TensorRT at its first call (on that call's inputs) and counts the compile in ``stats.compiles[name]``.
-
-    ``settings`` go to ``torch_tensorrt.dynamo.compile`` (e.g. ``enabled_precisions={torch.float16}``,
-    ``require_full_compilation=True``).
-    """
-    torch_tensorrt = require_tensorrt()
-    state: dict[str, Any] = {}
-
-    def run(*args):
-        positions = _tensor_positions(args)
-        tensors = [args[i] for i in positions]
-        if "compiled" not in state:
-            wrapper = TensorOnly(gm, list(args), positions).eval()
-            with torch.no_grad():
-                ep = torch.export.export(wrapper, tuple(tensors), strict=False)
-                state["compiled"] = torch_tensorrt.dynamo.compile(ep, arg_inputs=tensors, **settings)
-            if stats is not None:
-                stats.compiles[name] = stats.compiles.get(name, 0) + 1
-        out = state["compiled"](*tensors)
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-    return run
+__all__ = ["TensorRTUnavailableError", "prepare_tensorrt_export", "require_tensorrt", "to_tensorrt"]
 
 
 # -- export -------------------------------------------------------------------------------------------------
@@ -167,44 +107,6 @@ def prepare_tensorrt_export(
     return prepared
 
 
-_TRT_TO_TORCH = {
-    "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
-    "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8,
-}
-
-
-def _torch_dtype(trt_dtype) -> torch.dtype:
-    name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1]
-    if name not in _TRT_TO_TORCH:
-        raise ManifestMismatchError(f"TensorRT tensor type {name} has no torch equivalent here")
-    return _TRT_TO_TORCH[name]
-
-
-def _engine_io(engine) -> tuple[list[dict], list[dict]]:
-    import tensorrt as trt
-
-    inputs, outputs = [], []
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        shape = [int(d) if int(d) >= 0 else "batch" for d in engine.get_tensor_shape(name)]
-        entry = {"name": name, "dtype": dtype_name(_torch_dtype(engine.get_tensor_dtype(name))), "shape": shape}
-        (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(entry)
-    return inputs, outputs
-
-
-def _deserialize(data: bytes):
-    import tensorrt as trt
-
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(data)
-    if engine is None:
-        raise ManifestMismatchError(
-            "TensorRT could not deserialize the engine: it was built for another TensorRT version or GPU "
-            "(engines are not portable); rebuild it on this machine with to_tensorrt"
-        )
-    return runtime, engine
-
-
 def to_tensorrt(
     target,
     out_dir: str | os.PathLike,
@@ -250,8 +152,8 @@ def to_tensorrt(
         )
         path = folder / f"{which}.engine"
         path.write_bytes(bytes(engine_bytes))
-        _, engine = _deserialize(path.read_bytes())
-        engine_inputs, engine_outputs = _engine_io(engine)
+        _, engine = deserialize_engine(path.read_bytes())
+        engine_inputs, engine_outputs = engine_io(engine)
         user_inputs = list(prep.exported.graph_signature.user_inputs)
         positions = {n: k for k, n in enumerate(user_inputs)}
         missing = [e["name"] for e in engine_inputs if e["name"] not in positions]
@@ -287,15 +189,13 @@ def _require_cuda_inputs(cap: ExportCapture) -> None:
 def _check_engines(cap: ExportCapture, folder: Path, manifest: dict, tolerance: float | None) -> dict:
     """Both engines against the PyTorch transformer on the example call: the compute engine's outputs, and the
     predict engine's outputs given the compute engine's (true) residual. Returns the verification record."""
-    from torch.utils import _pytree as pytree
-
     tol = tolerance if tolerance is not None else 1e-2  # TF32 and tactic choice: looser than ORT on CPU
-    graphs = {w: TensorRTEngineGraph(folder / f"{w}.engine", manifest["graphs"][w], len(cap.leaves))
+    names = {"compute": cap.tensor_names, "predict": cap.tensor_names + [RESIDUAL]}
+    graphs = {w: TensorRTEngineGraph(GraphFile(folder / f"{w}.engine", manifest["graphs"][w], names[w],
+                                               cap.tensor_positions, len(cap.leaves)), check_io=lambda *_: None)
               for w in ("compute", "predict")}
+    ref = reference_outputs(cap.module, cap.leaves, cap.in_spec)
     with torch.no_grad():
-        _, kwargs = pytree.tree_unflatten(cap.leaves, cap.in_spec)
-        ref = [t for t in pytree.tree_leaves(type(cap.module).forward(cap.module, **kwargs))
-               if isinstance(t, torch.Tensor)]
         *outs, residual = graphs["compute"](*cap.leaves)
         pred = graphs["predict"](*cap.leaves, residual)
     errs = graph_errors(ref, outs, pred)
@@ -303,44 +203,3 @@ def _check_engines(cap: ExportCapture, folder: Path, manifest: dict, tolerance: 
         raise RuntimeError(f"the TensorRT engines differ from the PyTorch transformer: {errs} (relative, allowed "
                            f"{tol:g}); the engines in {folder} are not usable (no manifest was written)")
     return {"tolerance": tol, **errs}
-
-
-class TensorRTEngineGraph:
-    """One raw TensorRT engine as the runtime calls it: ``graph(*call_leaves[, residual]) -> tuple``."""
-
-    def __init__(self, path: Path, entry: dict, num_leaves: int, input_names=None, tensor_positions=None):
-        require_tensorrt()
-        self.runtime, self.engine = _deserialize(Path(path).read_bytes())
-        found_in, found_out = _engine_io(self.engine)
-        declared_in = [{k: e[k] for k in ("name", "dtype", "shape")} for e in entry["inputs"]]
-        declared_out = [{k: e[k] for k in ("name", "dtype", "shape")} for e in entry["outputs"]]
-        from .manifest import compare_io
-
-        compare_io(Path(path).stem, declared_in, found_in, "inputs")
-        compare_io(Path(path).stem, declared_out, found_out, "outputs")
-        self.context = self.engine.create_execution_context()
-        self._num_leaves = num_leaves
-        self._inputs = [(e["name"], int(e["position"]), _TRT_TO_TORCH_NAME[e["dtype"]]) for e in entry["inputs"]]
-        self._outputs = [(e["name"], _TRT_TO_TORCH_NAME[e["dtype"]]) for e in entry["outputs"]]
-        self._tensor_positions = tensor_positions
-
-    def __call__(self, *args):
-        leaves, extra = args[: self._num_leaves], list(args[self._num_leaves:])
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)] + extra
-        keep = []
-        for name, pos, dtype in self._inputs:
-            t = tensors[pos].to(device="cuda", dtype=dtype).contiguous()
-            keep.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-        outs = []
-        for name, dtype in self._outputs:
-            o = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-            self.context.set_tensor_address(name, o.data_ptr())
-            outs.append(o)
-        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        return tuple(outs)
-
-
-_TRT_TO_TORCH_NAME = {dtype_name(v): v for v in _TRT_TO_TORCH.values()}

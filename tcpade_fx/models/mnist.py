@@ -124,6 +124,9 @@ def velocity_flux(transformer, class_encoder, x: torch.Tensor, sigma: torch.Tens
 class _MNISTFlowPipeline(DiffusionPipeline):
     """Shared sampling loop: batched classifier-free guidance, any diffusers flow scheduler."""
 
+    #: what ``tcpade_fx.export.to_onnx(pipe, folder)`` runs when no ``example_call`` is given (CFG: batch 4)
+    default_example_call = {"class_labels": [0, 1], "num_inference_steps": 2}
+
     def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -1,23 +1,40 @@
-"""Graph passes of tcpade_fx: capture → locate → split → verify → rewrite (GraphModule → GraphModule)."""
+"""Graph passes of tcpade_fx, one module per stage, driven by :func:`build_graphs` (:mod:`.pipeline`):
 
-from .capture import CapturedGraph, capture_graph, flatten_call, strip_assertions
+    capture ─▶ (dynamic) ─▶ locate ─▶ rewrite ─▶ verify        split: head/body/tail pieces, checked bit for bit
+
+Each pass is a function on GraphModules (or on a call, for the captures); none holds state.
+"""
+
+from .capture import CaptureError, CapturedGraph, bind_call, capture_graph, flatten_call, leaf_names, strip_assertions
+from .dynamic import BATCH, ShapePlan, capture_dynamic
 from .locate import BlockStackPlan, UnsupportedModelError, locate_block_stack
+from .pipeline import Graphs, build_graphs, example_residual
 from .rewrite import RESIDUAL_INPUT, build_compute_graph, build_predict_graph
 from .split import split_head_body_tail
-from .verify import VerificationError, rewrite_and_verify, verify_rewrite, verify_split
+from .verify import Verification, VerificationError, check_rewrite, verify_rewrite, verify_split
 
 __all__ = [
+    "BATCH",
     "BlockStackPlan",
+    "CaptureError",
     "CapturedGraph",
+    "Graphs",
     "RESIDUAL_INPUT",
+    "ShapePlan",
     "UnsupportedModelError",
+    "Verification",
     "VerificationError",
+    "bind_call",
     "build_compute_graph",
+    "build_graphs",
     "build_predict_graph",
+    "capture_dynamic",
     "capture_graph",
+    "check_rewrite",
+    "example_residual",
     "flatten_call",
+    "leaf_names",
     "locate_block_stack",
-    "rewrite_and_verify",
     "split_head_body_tail",
     "strip_assertions",
     "verify_rewrite",

@@ -1,12 +1,25 @@
-"""Capture a transformer call as a flat FX graph with torch.export (non-strict)."""
+"""Capture a transformer call as a flat FX graph with torch.export (non-strict).
+
+A call is bound to the keyword arguments of the transformer's ``forward`` (:func:`bind_call`), flattened into
+leaves (:func:`flatten_call`) and exported. :func:`capture_graph` traces the forward it is given: the runtime
+passes the forward *below* its own diffusers hook, so that hooks other libraries installed on the transformer
+(context-parallel input splitting, ...) are captured as the user's pipeline runs them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
+
+
+class CaptureError(RuntimeError):
+    """torch.export could not capture the transformer call; the message names the module and the cause."""
 
 
 @dataclass
@@ -23,6 +36,18 @@ class CapturedGraph:
     example_leaves: list[Any]
 
 
+def bind_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments as keyword arguments of ``type(module).forward``, in signature order."""
+    signature = inspect.signature(type(module).forward)
+    bound = signature.bind(module, *args, **kwargs)
+    named = dict(bound.arguments)
+    named.pop(next(iter(signature.parameters)))  # self
+    for name, p in signature.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD and name in named:
+            named.update(named.pop(name))
+    return named
+
+
 def ordered_kwargs(kwargs: dict, in_spec: pytree.TreeSpec) -> dict:
     """``kwargs`` reordered like the captured call (pytree specs of dicts are order-sensitive)."""
     keys = in_spec.child(1).context
@@ -35,6 +60,38 @@ def flatten_call(args: tuple, kwargs: dict, in_spec: pytree.TreeSpec | None = No
     if in_spec is not None:
         kwargs = ordered_kwargs(kwargs, in_spec)
     return pytree.tree_flatten((tuple(args), dict(kwargs)))
+
+
+def leaf_index(kwargs: dict, name: str, in_spec: pytree.TreeSpec) -> int:
+    """Position of the keyword argument ``name`` among the flattened leaves of a call with ``in_spec``."""
+    marker = object()
+    leaves, _ = flatten_call((), {k: (marker if k == name else v) for k, v in kwargs.items()}, in_spec)
+    for i, leaf in enumerate(leaves):
+        if leaf is marker:
+            return i
+    raise KeyError(name)
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]+", "_", name).strip("_")
+
+
+def leaf_names(spec: pytree.TreeSpec, prefix: str = "", skip_first_key: bool = False) -> list[str]:
+    """Readable, unique names of a spec's leaves (``hidden_states``, ``out_0``)."""
+    dummy = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    paths, _ = pytree.tree_flatten_with_path(dummy)
+    names: list[str] = []
+    for path, _ in paths:
+        if skip_first_key:
+            path = path[1:]
+        name = _sanitize(pytree.keystr(path)) or "x"
+        if prefix or name[0].isdigit():
+            name = f"{prefix or 'out'}_{name}"
+        base, k = name, 1
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
 
 
 def strip_assertions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -50,22 +107,42 @@ def strip_assertions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+@contextlib.contextmanager
+def tracing_forward(module: torch.nn.Module, forward: Callable | None):
+    """Within the block, ``module.forward`` is ``forward`` (what torch.export traces); the instance attribute
+    that was there before (a hook chain) is put back afterwards. ``None``: the class's own forward."""
+    saved = module.__dict__.pop("forward", None)
+    if forward is not None:
+        module.forward = forward
+    try:
+        yield
+    finally:
+        module.__dict__.pop("forward", None)
+        if saved is not None:
+            module.forward = saved
+
+
 def capture_graph(
-    module: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, dynamic_shapes: Any = None
+    module: torch.nn.Module,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    dynamic_shapes: Any = None,
+    forward: Callable | None = None,
 ) -> CapturedGraph:
     """Export ``module(*args, **kwargs)`` into a flat-input GraphModule whose parameters are the module's own.
 
-    ``dynamic_shapes`` is passed to ``torch.export.export`` unchanged (default: static shapes, as the runtime
-    wants); the exporters use it to keep the batch axis symbolic in the graphs they write.
+    ``forward`` is the callable to trace in place of ``module.forward`` (default: the class's forward, without any
+    instance-level hook chain). ``dynamic_shapes`` is passed to ``torch.export.export`` unchanged (default: static
+    shapes); :mod:`tcpade_fx.passes.dynamic` uses it to keep batch and token axes symbolic.
 
-    Raises a RuntimeError naming the module when torch.export cannot capture it.
+    Raises :class:`CaptureError` naming the module when torch.export cannot capture it.
     """
     kwargs = dict(kwargs or {})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tracing_forward(module, forward):
             ep = torch.export.export(module, tuple(args), kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # export errors are many and deep; keep the cause attached
-        raise RuntimeError(
+        raise CaptureError(
             f"tcpade_fx could not capture {type(module).__name__} with torch.export (non-strict): {exc}. "
             "Check that the transformer runs without data-dependent Python control flow for these inputs."
         ) from exc

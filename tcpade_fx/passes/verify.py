@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -23,7 +24,7 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / (a.norm() + 1e-30))
 
 
-def _run(what: str, gm: torch.fx.GraphModule, leaves: Sequence[Any], plan: BlockStackPlan | None = None):
+def _run(what: str, gm: Callable, leaves: Sequence[Any], plan: BlockStackPlan | None = None):
     """Run a transformed graph; a failure (e.g. a residual input whose shape does not match) is a wrong plan."""
     try:
         return gm(*leaves)
@@ -51,6 +52,77 @@ def verify_split(original: torch.fx.GraphModule, split: torch.fx.GraphModule, le
         raise VerificationError("the head/body/tail split does not reproduce the original output bit for bit")
 
 
+@dataclass
+class Verification:
+    """What :func:`check_rewrite` ran and found: the compute graph's outputs on the checked inputs (they serve the
+    call that was captured), its residual, and how far each graph is from the reference."""
+
+    outputs: list[Any]  # the compute graph's flat outputs, residual excluded
+    residual: torch.Tensor
+    compute_difference: float  # relative; 0.0 when bit for bit
+    predict_difference: float  # relative, predict given the true residual
+
+
+def check_rewrite(
+    reference: Sequence[torch.Tensor],
+    compute: Callable,
+    predict: Callable,
+    leaves: Sequence[Any],
+    plan: BlockStackPlan,
+    *,
+    exact: bool = True,
+    tolerance: float | None = None,
+) -> Verification:
+    """``compute`` must reproduce ``reference`` (the transformer's tensor outputs on ``leaves``) bit for bit, or,
+    with ``exact=False``, within ``tolerance``; ``predict`` fed the true residual must match it within
+    ``tolerance`` (default 1e-4 relative for float32, 2e-2 otherwise). Raises :class:`VerificationError`."""
+    shapes = {name: tuple(node.meta["val"].shape) for name, node in _named_values(compute, plan)}
+    if len(shapes) == 2 and shapes[plan.body_input] != shapes[plan.body_output]:
+        raise VerificationError(
+            f"the located body is not a residual stack: its input {plan.body_input} has shape "
+            f"{shapes[plan.body_input]}, its output {plan.body_output} has shape {shapes[plan.body_output]}"
+        )
+    ref = list(reference)
+    if not all(bool(torch.isfinite(r).all()) for r in ref if r.is_floating_point()):
+        raise VerificationError(
+            "the transformer's own output is not finite (NaN/Inf) on the first call's inputs, so the rewrite cannot "
+            "be verified: check the inputs (latents, embeddings, timestep) and the model dtype"
+        )
+    if tolerance is None:
+        tolerance = 1e-4 if ref[0].dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        *outputs, residual = _run("the compute graph", compute, leaves, plan)
+        outs = _tensors(outputs)
+        if len(outs) != len(ref):
+            raise VerificationError(f"the compute graph returns {len(outs)} tensors, the original {len(ref)}")
+        exactly = all(torch.equal(r, o) for r, o in zip(ref, outs))
+        compute_diff = 0.0 if exactly else max(relative_difference(r, o) for r, o in zip(ref, outs))
+        if not exactly and (exact or not compute_diff <= tolerance):
+            raise VerificationError(
+                "the compute graph does not reproduce the original output bit for bit"
+                + ("" if exact else f" (relative difference {compute_diff:.2e}, allowed {tolerance:.0e})")
+            )
+        if not torch.isfinite(residual).all():
+            raise VerificationError("the block-stack residual is not finite on the captured inputs")
+        pred = _tensors(_run("the predict graph", predict, (*leaves, residual), plan))
+    worst = max(relative_difference(r, p) for r, p in zip(ref, pred))
+    if not worst <= tolerance:
+        raise VerificationError(
+            f"the predict graph, given the true residual, differs from the original by {worst:.2e} (relative; "
+            f"allowed {tolerance:.0e}): the located body ({plan.prefixes}, input {plan.body_input}, output "
+            f"{plan.body_output}) is not a residual stack the tail depends on only through its output"
+        )
+    return Verification(list(outputs), residual, compute_diff, worst)
+
+
+def _named_values(gm, plan: BlockStackPlan):
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return []
+    return [(n.name, n) for n in graph.nodes
+            if n.name in (plan.body_input, plan.body_output) and isinstance(n.meta.get("val"), torch.Tensor)]
+
+
 def verify_rewrite(
     original: torch.fx.GraphModule,
     compute: torch.fx.GraphModule,
@@ -59,47 +131,8 @@ def verify_rewrite(
     plan: BlockStackPlan,
     tolerance: float | None = None,
 ) -> float:
-    """``compute`` must equal the original exactly; ``predict`` fed the true residual must match it closely.
-
-    Returns the relative difference of the predict path; raises :class:`VerificationError` otherwise.
-    """
-    shapes = {n.name: tuple(n.meta["val"].shape) for n in original.graph.nodes
-              if n.name in (plan.body_input, plan.body_output) and isinstance(n.meta.get("val"), torch.Tensor)}
-    if len(shapes) == 2 and shapes[plan.body_input] != shapes[plan.body_output]:
-        raise VerificationError(
-            f"the located body is not a residual stack: its input {plan.body_input} has shape "
-            f"{shapes[plan.body_input]}, its output {plan.body_output} has shape {shapes[plan.body_output]}"
-        )
+    """``compute`` must equal the ``original`` graph exactly; ``predict`` fed the true residual must match it
+    closely. Returns the relative difference of the predict path; raises :class:`VerificationError` otherwise."""
     with torch.no_grad():
-        ref = _finite_reference(original, leaves)
-        *outs, residual = _run("the compute graph", compute, leaves, plan)
-        outs = _tensors(outs)
-        if len(outs) != len(ref) or not all(torch.equal(r, o) for r, o in zip(ref, outs)):
-            raise VerificationError("the compute graph does not reproduce the original output bit for bit")
-        if not torch.isfinite(residual).all():
-            raise VerificationError("the block-stack residual is not finite on the captured inputs")
-        pred = _tensors(_run("the predict graph", predict, (*leaves, residual), plan))
-    if tolerance is None:
-        tolerance = 1e-4 if ref[0].dtype == torch.float32 else 2e-2
-    worst = max(relative_difference(r, p) for r, p in zip(ref, pred))
-    if not worst <= tolerance:
-        raise VerificationError(
-            f"the predict graph, given the true residual, differs from the original by {worst:.2e} (relative; "
-            f"allowed {tolerance:.0e}): the located body ({plan.prefixes}, input {plan.body_input}, output "
-            f"{plan.body_output}) is not a residual stack the tail depends on only through its output"
-        )
-    return worst
-
-
-def rewrite_and_verify(
-    gm: torch.fx.GraphModule, plan: BlockStackPlan, leaves: Sequence[Any], verify: bool = True
-) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """The compute and predict graphs of ``gm``, checked on ``leaves`` (split, then rewrite) unless ``verify`` is off."""
-    from .rewrite import build_compute_graph, build_predict_graph
-    from .split import split_head_body_tail
-
-    compute, predict = build_compute_graph(gm, plan), build_predict_graph(gm, plan)
-    if verify:
-        verify_split(gm, split_head_body_tail(gm, plan), leaves)
-        verify_rewrite(gm, compute, predict, leaves, plan)
-    return compute, predict
+        ref = _tensors(original(*leaves))
+    return check_rewrite(ref, compute, predict, leaves, plan, tolerance=tolerance).predict_difference

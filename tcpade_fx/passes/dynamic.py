@@ -1,10 +1,7 @@
-"""Shared by the exporters: record one transformer call, capture it with symbolic batch and token axes, rewrite it.
+"""Dynamic-shape discovery: capture a call with symbolic batch and token axes where the model allows them.
 
-The result, :class:`ExportCapture`, holds the two GraphModules the runtime switches between (``compute`` and
-``predict``, see :mod:`tcpade_fx.passes.rewrite`), the example leaves, their names, which leaves are tensors and
-which are constants specialised in the graphs, and which axes are dynamic (and why the others are static).
-
-Which axes become dynamic (:func:`capture_for_export`), generically, without per-model tables:
+:func:`capture_dynamic` returns the capture, its block-stack plan and a :class:`ShapePlan`: which axes are dynamic
+(and why the others are static). Which axes become dynamic, generically, without per-model tables:
 
 1. Discovery: the call is captured once with ``torch.export.Dim.AUTO`` on every axis of every tensor input.
    torch.export specialises the axes the model fixes outright (a Linear's input width, Flux's 3 RoPE id columns,
@@ -37,53 +34,28 @@ Every static axis of a tensor input keeps its reason (``static_axes``), which th
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.utils import _pytree as pytree
 
-from ..api import _transformer_of
-from ..passes import (
-    BlockStackPlan,
-    capture_graph,
-    flatten_call,
-    locate_block_stack,
-    rewrite_and_verify,
-)
+from .capture import CapturedGraph, capture_graph, flatten_call, leaf_names
+from .locate import BlockStackPlan, locate_block_stack
 
 BATCH = "batch"
 BATCH_RANGE = (1, 4096)
 #: Token dimensions accept any size from 1 up (no upper bound), unless a guard of the model excludes 1.
 TOKEN_MIN = 1
-#: JSON-representable constant leaves (specialised in the graph, checked at every new call signature).
-CONSTANT_TYPES = (bool, int, float, str, type(None))
-
-
-class _Recorded(Exception):
-    pass
 
 
 @dataclass
-class ExportCapture:
-    module: torch.nn.Module
-    kwargs: dict
-    compute: torch.fx.GraphModule
-    predict: torch.fx.GraphModule
-    plan: BlockStackPlan
-    in_spec: pytree.TreeSpec
-    out_spec: pytree.TreeSpec
-    leaves: list
-    leaf_names: list[str]
-    output_names: list[str]
-    tensor_positions: list[int]
-    timestep_position: int
-    batch_size: int | None
+class ShapePlan:
+    """Which axes of a capture are dynamic, and why the others are static."""
+
+    batch_size: int | None  # the example batch when the batch axis is dynamic
     batch_leaves: list[int]  # leaf positions whose axis 0 is the symbolic batch
-    residual: torch.Tensor
-    notes: list[str] = field(default_factory=list)
     #: name -> {"example": size, "min": int, "max": int | None} of every dynamic dimension (``batch`` included)
     dims: dict[str, dict] = field(default_factory=dict)
     #: leaf position -> {axis: dimension name} of the dynamic axes
@@ -92,10 +64,7 @@ class ExportCapture:
     static_axes: dict[int, dict[int, str]] = field(default_factory=dict)
     #: residual axis -> (dimension name, scale, offset): size = scale * dimension + offset
     residual_axes: dict[int, tuple[str, int, int]] = field(default_factory=dict)
-
-    @property
-    def tensor_names(self) -> list[str]:
-        return [self.leaf_names[i] for i in self.tensor_positions]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def token_dims(self) -> list[str]:
@@ -105,125 +74,14 @@ class ExportCapture:
         """Fresh ``torch.export.Dim`` objects for the dynamic dimensions (name -> Dim)."""
         return {name: torch.export.Dim(name, min=d["min"], max=d["max"]) for name, d in self.dims.items()}
 
-    def dynamic_shapes(self, dims: dict, residual: bool = False) -> tuple | None:
-        """``dynamic_shapes`` for a tensor-only wrapper of a graph (:class:`TensorOnly`): one entry per tensor
-        leaf, plus the residual input with ``residual``; ``None`` when every axis is static."""
-        specs = [{a: dims[n] for a, n in self.dynamic_axes.get(i, {}).items()} or None for i in self.tensor_positions]
+    def dynamic_shapes(self, dims: dict, tensor_positions: list[int], residual: bool = False) -> tuple | None:
+        """``dynamic_shapes`` for a tensor-only wrapper of a graph: one entry per tensor leaf (``tensor_positions``),
+        plus the residual input with ``residual``; ``None`` when every axis is static."""
+        specs = [{a: dims[n] for a, n in self.dynamic_axes.get(i, {}).items()} or None for i in tensor_positions]
         if residual:
             specs.append({a: residual_dim(dims[n], k, b) for a, (n, k, b) in self.residual_axes.items()} or None)
         return (tuple(specs),) if any(s is not None for s in specs) else None
 
-
-# -- the example call ---------------------------------------------------------------------------------------
-def _is_mnist_pipeline(target) -> bool:
-    from ..models.mnist import _MNISTFlowPipeline
-
-    return isinstance(target, _MNISTFlowPipeline)
-
-
-def bind_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Keyword arguments of ``module.forward`` in signature order (as :class:`TCPadeRuntime` binds them)."""
-    signature = inspect.signature(type(module).forward)
-    bound = signature.bind(module, *args, **kwargs)
-    named = dict(bound.arguments)
-    named.pop(next(iter(signature.parameters)))
-    for name, p in signature.parameters.items():
-        if p.kind is inspect.Parameter.VAR_KEYWORD and name in named:
-            named.update(named.pop(name))
-    return named
-
-
-def record_call(target, example_call) -> tuple[torch.nn.Module, dict]:
-    """The transformer and the keyword arguments of its first call.
-
-    ``example_call`` for a pipeline: a dict of pipeline keyword arguments (the pipeline is run until its first
-    transformer call, which is recorded and aborted). For a transformer: a dict of its keyword arguments or an
-    ``(args, kwargs)`` pair. ``None`` works for the bundled MNIST pipelines (two labels, CFG: batch 4).
-    """
-    transformer = _transformer_of(target)
-    if target is transformer:
-        if example_call is None:
-            raise TypeError("exporting a bare transformer needs example_call=<its keyword arguments>")
-        if isinstance(example_call, tuple) and len(example_call) == 2 and isinstance(example_call[1], dict):
-            args, kwargs = example_call
-        elif isinstance(example_call, dict):
-            args, kwargs = (), example_call
-        else:
-            raise TypeError("example_call for a transformer must be a dict of kwargs or an (args, kwargs) pair")
-        return transformer, bind_call(transformer, tuple(args), dict(kwargs))
-    if example_call is None:
-        if not _is_mnist_pipeline(target):
-            raise TypeError(
-                f"exporting a {type(target).__name__} needs example_call=<pipeline keyword arguments> (e.g. "
-                "dict(prompt='...', num_inference_steps=2, height=..., width=...)): the transformer call it makes "
-                "first fixes the exported shapes; use batch >= 2 so that the batch axis can stay dynamic"
-            )
-        example_call = {"class_labels": [0, 1], "num_inference_steps": 2}
-    recorded: dict = {}
-    installed = transformer.__dict__.get("forward")
-
-    def record(*args, **kwargs):
-        recorded["call"] = (args, kwargs)
-        raise _Recorded
-
-    transformer.forward = record
-    try:
-        target(**example_call)
-    except _Recorded:
-        pass
-    finally:
-        if installed is None:
-            transformer.__dict__.pop("forward", None)
-        else:
-            transformer.forward = installed
-    if "call" not in recorded:
-        raise RuntimeError(f"{type(target).__name__}(**example_call) finished without calling its transformer")
-    args, kwargs = recorded["call"]
-    return transformer, bind_call(transformer, args, kwargs)
-
-
-# -- names and hashes ---------------------------------------------------------------------------------------
-def _sanitize(name: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_]+", "_", name).strip("_")
-
-
-def leaf_names(spec: pytree.TreeSpec, prefix: str = "", skip_first_key: bool = False) -> list[str]:
-    """Readable, unique names of a spec's leaves (``hidden_states``, ``out_0``)."""
-    dummy = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
-    paths, _ = pytree.tree_flatten_with_path(dummy)
-    names: list[str] = []
-    for path, _ in paths:
-        if skip_first_key:
-            path = path[1:]
-        name = _sanitize(pytree.keystr(path)) or "x"
-        if prefix or name[0].isdigit():
-            name = f"{prefix or 'out'}_{name}"
-        base, k = name, 1
-        while name in names:
-            name, k = f"{base}_{k}", k + 1
-        names.append(name)
-    return names
-
-
-def weights_sha256(module: torch.nn.Module) -> str:
-    """sha256 over the sorted state_dict: for each entry its name, dtype, shape and raw bytes."""
-    h = hashlib.sha256()
-    for name, value in sorted(module.state_dict().items()):
-        t = value.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# -- capture ------------------------------------------------------------------------------------------------
 FIXED = "fixed by the model: torch.export specialised it when left free"
 NOT_TRIED = "not tried: dynamic_tokens=False"
 
@@ -346,11 +204,11 @@ class _Discovery:
         return f"{named.lhs} {ops[type(named)]} {named.rhs}" if type(named) in ops else str(named)
 
 
-def _discover_free_axes(module, kwargs) -> _Discovery:
+def _discover_free_axes(module, kwargs, forward=None) -> _Discovery:
     """Capture with ``Dim.AUTO`` on every axis of every tensor input (see the module docstring)."""
     leaves, spec = flatten_call((), kwargs)
     auto = {id(x): {a: torch.export.Dim.AUTO for a in range(x.dim())} for x in leaves if isinstance(x, torch.Tensor)}
-    captured = capture_graph(module, (), kwargs, dynamic_shapes=_kwargs_spec(kwargs, auto))
+    captured = capture_graph(module, (), kwargs, dynamic_shapes=_kwargs_spec(kwargs, auto), forward=forward)
     shapes = _placeholder_shapes(captured)
     names = dict(zip(map(id, captured.example_leaves), leaf_names(captured.in_spec, skip_first_key=True)))
     labels = {}
@@ -543,54 +401,36 @@ def _where(names_by_id: dict, axes: list[tuple[int, int]]) -> str:
     return ", ".join(f"{name}[{', '.join(map(str, sorted(ax)))}]" for name, ax in by_leaf.items())
 
 
-def capture_for_export(
-    target,
-    example_call=None,
+
+def capture_dynamic(
+    module: torch.nn.Module,
+    kwargs: dict,
     *,
     dynamic_batch: bool = True,
     dynamic_tokens: bool = True,
     block_prefixes: tuple[str, ...] | None = None,
-) -> ExportCapture:
-    """Record the transformer's first call, capture it (batch and token axes symbolic where the model allows,
-    see the module docstring), locate the block stack, build and verify the compute/predict graphs on the
-    example inputs."""
-    module, kwargs = record_call(target, example_call)
-    if "timestep" not in kwargs or not isinstance(kwargs["timestep"], torch.Tensor):
-        raise TypeError(f"{type(module).__name__} was called without a tensor `timestep`; tcpade_fx needs it")
-    # distinct tensors: torch.export silently aliases inputs given as the same object
-    kwargs = pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, kwargs)
+    forward: Callable | None = None,
+) -> tuple[CapturedGraph, BlockStackPlan, ShapePlan]:
+    """Capture ``module(**kwargs)`` with its batch and token axes symbolic where the model allows them (see the
+    module docstring) and locate its block stack. ``forward``: what to trace (see :func:`capture_graph`)."""
     leaves, _ = flatten_call((), kwargs)
-    bad = [type(x).__name__ for x in leaves if not isinstance(x, (torch.Tensor, *CONSTANT_TYPES))]
-    if bad:
-        raise TypeError(f"cannot export call arguments of type {sorted(set(bad))}: only tensors and JSON constants")
     notes: list[str] = []
     batch_leaf = _batch_leaf(kwargs)
     batch = None if batch_leaf is None else int(batch_leaf.shape[0])
     want_batch = dynamic_batch and batch is not None and batch >= 2
     if dynamic_batch and not want_batch:
         notes.append(f"batch axis kept static: the example batch is {batch} (a dynamic batch needs >= 2)")
-    forward = module.__dict__.pop("forward", None)  # capture the original forward, not an installed runtime
-    try:
-        free = None
-        if dynamic_tokens or want_batch:  # the batch too: which axes torch.export equates with hidden_states'
-            try:
-                free = _discover_free_axes(module, kwargs)
-            except RuntimeError as exc:
-                notes.append(f"token axes kept static, batch axes taken by example size: the capture with free "
-                             f"sizes (Dim.AUTO) failed ({str(exc)[:300]})")
-        axes = _plan_axes(leaves, free, batch_leaf, want_batch, dynamic_tokens, dynamic_batch)
-        captured, plan, active, residual_axes, mins = _capture_with_dims(
-            module, kwargs, axes, block_prefixes, notes)
-    finally:
-        if forward is not None:
-            module.forward = forward
-    gm = captured.graph_module
+    free = None
+    if dynamic_tokens or want_batch:  # the batch too: which axes torch.export equates with hidden_states'
+        try:
+            free = _discover_free_axes(module, kwargs, forward)
+        except RuntimeError as exc:
+            notes.append(f"token axes kept static, batch axes taken by example size: the capture with free "
+                         f"sizes (Dim.AUTO) failed ({str(exc)[:300]})")
+    axes = _plan_axes(leaves, free, batch_leaf, want_batch, dynamic_tokens, dynamic_batch)
+    captured, plan, active, residual_axes, mins = _capture_with_dims(
+        module, kwargs, axes, block_prefixes, notes, forward)
     leaves = captured.example_leaves
-    compute, predict = rewrite_and_verify(gm, plan, leaves)
-    with torch.no_grad():
-        *outs, residual = compute(*leaves)
-    from ..runtime import _leaf_index_of
-
     names = leaf_names(captured.in_spec, skip_first_key=True)
     position = {id(x): i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)}
     dynamic_axes = {position[k]: dict(sorted(v.items())) for k, v in active.items() if v}
@@ -603,31 +443,12 @@ def capture_for_export(
             dims[name] = {"example": axes.examples[name], "min": lo, "max": hi}
     batch_leaves = sorted(i for i, v in dynamic_axes.items() if v.get(0) == BATCH)
     _summarise(notes, names, position, axes, dims)
-    return ExportCapture(
-        module=module,
-        kwargs=kwargs,
-        compute=compute,
-        predict=predict,
-        plan=plan,
-        in_spec=captured.in_spec,
-        out_spec=captured.out_spec,
-        leaves=list(leaves),
-        leaf_names=names,
-        output_names=leaf_names(captured.out_spec),
-        tensor_positions=[i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)],
-        timestep_position=_leaf_index_of(kwargs, "timestep", captured.in_spec),
-        batch_size=batch if batch_leaves else None,
-        batch_leaves=batch_leaves,
-        residual=residual,
-        notes=notes,
-        dims=dims,
-        dynamic_axes=dynamic_axes,
-        static_axes=static_axes,
-        residual_axes=residual_axes,
-    )
+    shapes = ShapePlan(batch_size=batch if batch_leaves else None, batch_leaves=batch_leaves, dims=dims,
+                       dynamic_axes=dynamic_axes, static_axes=static_axes, residual_axes=residual_axes, notes=notes)
+    return captured, plan, shapes
 
 
-def _capture_with_dims(module, kwargs, axes: _AxisPlan, block_prefixes, notes: list[str]):
+def _capture_with_dims(module, kwargs, axes: _AxisPlan, block_prefixes, notes: list[str], forward=None):
     """Capture with the planned dimensions, dropping those torch.export refuses (their axes become static)."""
     mins = {name: BATCH_RANGE[0] if name == BATCH else TOKEN_MIN for name in axes.groups}
 
@@ -639,7 +460,7 @@ def _capture_with_dims(module, kwargs, axes: _AxisPlan, block_prefixes, notes: l
                 active.setdefault(key, {})[axis] = n
         spec = _kwargs_spec(kwargs, {k: {a: dims[n] for a, n in v.items()} for k, v in active.items()})
         try:
-            captured = capture_graph(module, (), kwargs, dynamic_shapes=spec)
+            captured = capture_graph(module, (), kwargs, dynamic_shapes=spec, forward=forward)
         except RuntimeError as exc:
             if not names:
                 raise
@@ -711,23 +532,6 @@ def _summarise(notes: list[str], names: list[str], position: dict, axes: _AxisPl
                          "(see static_axes)")
 
 
-class TensorOnly(torch.nn.Module):
-    """``graph(*leaves)`` as a module of the tensor leaves only (constants are baked in), for clean exports."""
-
-    def __init__(self, graph: torch.fx.GraphModule, leaves: list, tensor_positions: list[int], extra: int = 0):
-        super().__init__()
-        self.inner = graph
-        self.constants = [None if i in tensor_positions else x for i, x in enumerate(leaves)]
-        self.tensor_positions = list(tensor_positions)
-        self.extra = extra  # trailing tensor inputs beyond the call leaves (predict: the residual)
-
-    def forward(self, *tensors):
-        full = list(self.constants)
-        for pos, t in zip(self.tensor_positions, tensors):
-            full[pos] = t
-        full += list(tensors[len(self.tensor_positions):])
-        return tuple(self.inner(*full))
-
 
 def _resize_axis(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     reps = [1] * t.dim()
@@ -754,16 +558,3 @@ def resize_dims(leaves: list, dynamic_axes: dict[int, dict[int, str]], sizes: di
     return out
 
 
-def graph_errors(ref: list[torch.Tensor], outs: list[torch.Tensor], pred: list[torch.Tensor]) -> dict[str, float]:
-    """Largest relative error of an exported compute graph's outputs, and of its predict graph's given the true
-    residual, against the transformer's outputs ``ref``; each list must have as many tensors as ``ref``."""
-    for name, got in (("compute", outs), ("predict", pred)):
-        if len(got) != len(ref):
-            raise RuntimeError(f"the {name} graph returned {len(got)} outputs, the transformer {len(ref)}")
-
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        a, b = a.double(), b.double()
-        return float((a - b).norm() / (a.norm() + 1e-30))
-
-    return {"compute": max(rel(r, o) for r, o in zip(ref, outs)),
-            "predict_true_residual": max(rel(r, p) for r, p in zip(ref, pred))}

@@ -1,0 +1,293 @@
+"""Diffusers glue: finding the denoiser, installing the runtime as a diffusers hook, and driving it by the scheduler.
+
+The runtime lives in the transformer's :class:`diffusers.hooks.HookRegistry` as the named hook ``"tcpade_fx"``
+(:class:`TCPadeHook`), the way diffusers' own caches do:
+
+* capture traces the forward *below* the hook (``fn_ref.original_forward``), i.e. the model as the hooks other
+  libraries registered before ours present it (a context-parallel input split is captured, not dropped);
+* accelerate's model CPU offload wraps the transformer's forward too, and re-installs its wrapper at the end of
+  every pipeline call. Installing (and removing) our hook therefore takes accelerate's hook off, registers (or
+  removes) ours, and puts accelerate's same hook object back on top: the order is the one a user gets by calling
+  ``enable_model_cpu_offload()`` after ``tcpade_fx.compile``, whichever came first, and each call still moves the
+  model where accelerate wants it before the runtime runs;
+* sequential CPU offload, group offload and layerwise casting change the weights inside the forward and are
+  refused at :func:`install_runtime`, with what to use instead;
+* a pipeline that names its guidance branches with ``transformer.cache_context("cond"/"uncond")`` gets one history
+  per name (the hook receives the context like diffusers' stateful hooks do).
+
+For a pipeline, the scheduler drives the trajectory: for the duration of each pipeline call its ``set_timesteps``
+starts a trajectory (:meth:`TCPadeRuntime.begin` with the scheduler's grid) and its ``step`` ends a step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TypeVar
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from .runtime import TCPadeRuntime
+
+T = TypeVar("T")
+
+HOOK_NAME = "tcpade_fx"
+_CACHE_HOOK_MARKERS = ("cache", "pyramid", "broadcast", "taylorseer", "fbc_")  # fbc_: first-block cache
+#: diffusers hooks that move or cast weights inside the forward: refused (see :func:`refuse_weight_hooks`)
+_WEIGHT_HOOKS = {
+    "group_offloading": "group offload (enable_group_offload)",
+    "layerwise_casting": "layerwise casting (enable_layerwise_casting)",
+}
+
+
+class UnsupportedHookError(RuntimeError):
+    """A hook on the transformer changes its weights inside the forward; tcpade_fx cannot compose with it."""
+
+
+def transformer_of(target) -> torch.nn.Module:
+    """The transformer a pipeline denoises with (``.transformer``), or ``target`` itself when it is a module."""
+    if isinstance(target, torch.nn.Module):
+        return target
+    transformer = getattr(target, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        return transformer
+    raise TypeError(
+        f"tcpade_fx.compile expects a diffusers pipeline with a `.transformer` or a transformer nn.Module, got "
+        f"{type(target).__name__}. UNet pipelines have no transformer-block stack to cache."
+    )
+
+
+def _registries(module: torch.nn.Module):
+    for name, sub in module.named_modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        if registry is not None:
+            yield name, registry
+
+
+def active_cache_hooks(module: torch.nn.Module) -> list[str]:
+    """The diffusers caches enabled on ``module`` (their hook names and where they sit)."""
+    found = []
+    if getattr(module, "is_cache_enabled", False):
+        found.append(f"{type(module).__name__}.enable_cache(...)")
+    for name, registry in _registries(module):
+        for hook_name in registry.hooks:
+            if hook_name != HOOK_NAME and any(marker in hook_name.lower() for marker in _CACHE_HOOK_MARKERS):
+                found.append(f"{hook_name!r} on {name or type(module).__name__}")
+    return found
+
+
+def refuse_weight_hooks(module: torch.nn.Module) -> None:
+    """Raise :class:`UnsupportedHookError` for sequential CPU offload, group offload or layerwise casting."""
+    meta = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    accelerate_inside = [n for n, sub in module.named_modules() if n and getattr(sub, "_hf_hook", None) is not None]
+    if accelerate_inside or meta:
+        where = (accelerate_inside or meta)[0]
+        raise UnsupportedHookError(
+            f"{type(module).__name__} has accelerate hooks or meta-device weights inside it (at {where!r}): "
+            "sequential CPU offload (enable_sequential_cpu_offload) or a device map moves each submodule's weights "
+            "during the forward, which tcpade_fx's captured graphs cannot follow. Use pipe.enable_model_cpu_offload() "
+            "instead (it composes with tcpade_fx, in either order), or load the transformer fully on one device."
+        )
+    for name, registry in _registries(module):
+        for hook_name, what in _WEIGHT_HOOKS.items():
+            if hook_name in registry.hooks:
+                raise UnsupportedHookError(
+                    f"{what} is enabled on {type(module).__name__} (hook {hook_name!r} on {name or 'the model'}): it "
+                    "moves or casts weights inside the forward, which tcpade_fx's captured graphs cannot follow. "
+                    "Use pipe.enable_model_cpu_offload() instead of group offload (it composes with tcpade_fx), "
+                    "cast the model with .to(dtype) instead of layerwise casting, or remove the hook first "
+                    f"(transformer._diffusers_hook.remove_hook({hook_name!r}))."
+                )
+
+
+class _ContextName(StateManager):
+    """Receives the pipeline's ``cache_context`` like a diffusers stateful hook's state manager does."""
+
+    def __init__(self):
+        super().__init__(BaseState)
+        self.name: str | None = None
+
+    def set_context(self, context) -> None:  # diffusers >= 0.36 passes a CacheContext (or None)
+        self.name = getattr(context, "name", context)
+
+    _set_context = set_context  # older diffusers pass the name
+
+    def reset(self, *args, **kwargs) -> None:
+        self.name = None
+
+
+class TCPadeHook(ModelHook):
+    """The runtime as a diffusers hook: replaces the forward of the module it is registered on."""
+
+    _is_stateful = True
+
+    def __init__(self, runtime: TCPadeRuntime):
+        super().__init__()
+        self.runtime = runtime
+        self.context = _ContextName()
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return self.runtime.call(args, kwargs, forward=self.fn_ref.original_forward, context=self.context.name)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        # diffusers resets stateful hooks at the end of every pipeline call: free the histories (each call
+        # starts a new trajectory anyway); the graphs and stats stay
+        self.runtime.reset()
+        return module
+
+
+def _accelerate_outside(module: torch.nn.Module):
+    """Take accelerate's module-level hook off ``module`` for the block, then put the same hook back on top."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return _NoAccelerate()
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    class _Reattach:
+        def __enter__(self):
+            remove_hook_from_module(module)
+
+        def __exit__(self, *exc):
+            add_hook_to_module(module, hook)
+            return False
+
+    return _Reattach()
+
+
+class _NoAccelerate:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _time_grids(scheduler) -> list[list[float]]:
+    """The scheduler's candidate time grids, one value per step: its sigmas (flow schedulers keep them exact,
+    where their timesteps may be rounded) and its timesteps."""
+    timesteps = scheduler.timesteps
+    grids = []
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel() >= len(timesteps):
+        grids.append(sigmas.reshape(-1)[: len(timesteps)].double().tolist())
+    grids.append(timesteps.double().tolist())
+    return grids
+
+
+def _scheduler_step_index(scheduler) -> int | None:
+    """The index of the step the scheduler is at (None where it does not say, e.g. before its first step)."""
+    for name in ("step_index", "begin_index"):
+        value = getattr(scheduler, name, None)
+        if isinstance(value, (int, torch.Tensor)) and not isinstance(value, bool):
+            return int(value)
+    return None
+
+
+def _require_one_call_per_step(scheduler) -> None:
+    timesteps = scheduler.timesteps
+    if len(timesteps) > 1 and bool((timesteps[1:] == timesteps[:-1]).any()):
+        raise ValueError(
+            f"{type(scheduler).__name__} evaluates the transformer more than once per step at repeated times (a "
+            "Heun/KDPM2-type second-order sampler); TC-Padé needs one evaluation per step to extrapolate along. Use "
+            "a first-order scheduler (FlowMatchEulerDiscreteScheduler) or a multistep solver "
+            "(UniPCMultistepScheduler, DPMSolverMultistepScheduler), or tcpade_fx.disable(pipe) for this sampler."
+        )
+
+
+def _pipeline_class_with_reset(cls: type) -> type:
+    base_call = cls.__call__
+
+    @functools.wraps(base_call)
+    def __call__(self, *args, **kwargs):
+        runtime: TCPadeRuntime = self.tcpade
+        scheduler = getattr(self, "scheduler", None)
+        wrapped = ("set_timesteps", "step")
+        originals = {n: scheduler.__dict__.get(n) for n in wrapped} if scheduler is not None else {}
+
+        if scheduler is not None:
+            bound_set = type(scheduler).set_timesteps.__get__(scheduler)
+            bound_step = type(scheduler).step.__get__(scheduler)
+
+            # wraps: pipelines inspect set_timesteps' signature (retrieve_timesteps looks for `sigmas`/`timesteps`)
+            @functools.wraps(bound_set)
+            def set_timesteps(*a, **k):
+                result = bound_set(*a, **k)
+                _require_one_call_per_step(scheduler)
+                runtime.begin(num_steps=len(scheduler.timesteps), schedule=_time_grids(scheduler),
+                              step_index=lambda: _scheduler_step_index(scheduler))
+                return result
+
+            @functools.wraps(bound_step)
+            def step(*a, **k):
+                result = bound_step(*a, **k)
+                runtime.step_done()
+                return result
+
+            scheduler.set_timesteps = set_timesteps
+            scheduler.step = step
+        runtime.begin(None)
+        try:
+            return base_call(self, *args, **kwargs)
+        finally:
+            for name, original in originals.items():
+                if original is None:
+                    scheduler.__dict__.pop(name, None)
+                else:
+                    setattr(scheduler, name, original)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "_tcpade_base_class": cls})
+
+
+def installed_runtime(target) -> TCPadeRuntime | None:
+    """The runtime installed on ``target``'s transformer (None when there is none)."""
+    registry = getattr(transformer_of(target), "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    return hook.runtime if hook is not None else None
+
+
+def install_runtime(target: T, runtime: TCPadeRuntime) -> T:
+    """Register ``runtime`` as the ``"tcpade_fx"`` hook of the transformer (replacing an earlier one) and, for a
+    pipeline, let the scheduler drive its trajectories. Used by :func:`tcpade_fx.compile` and the export runners.
+
+    Raises :class:`UnsupportedHookError` for hooks it cannot compose with (see :func:`refuse_weight_hooks`).
+    """
+    transformer = transformer_of(target)
+    refuse_weight_hooks(transformer)
+    if installed_runtime(target) is not None:
+        remove_runtime(target)
+    with _accelerate_outside(transformer):
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.register_hook(TCPadeHook(runtime), HOOK_NAME)
+    transformer.tcpade = runtime
+    if target is not transformer:
+        target.tcpade = runtime
+        cls = type(target)
+        if not hasattr(cls, "_tcpade_base_class"):
+            target.__class__ = _pipeline_class_with_reset(cls)
+    return target
+
+
+def _drop_plain_forward(module: torch.nn.Module) -> None:
+    """An emptied hook chain leaves the class's own forward bound on the instance: drop it (nothing to restore)."""
+    forward = module.__dict__.get("forward")
+    if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+        del module.__dict__["forward"]
+
+
+def remove_runtime(target: T) -> T:
+    """Undo :func:`install_runtime`: the hook is removed from the registry (other hooks, accelerate's included,
+    stay as they are) and the pipeline class restored; returns ``target``."""
+    transformer = transformer_of(target)
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        with _accelerate_outside(transformer):
+            registry.remove_hook(HOOK_NAME, recurse=False)
+            _drop_plain_forward(transformer)
+    transformer.__dict__.pop("tcpade", None)
+    if target is not transformer:
+        target.__dict__.pop("tcpade", None)
+        base = getattr(type(target), "_tcpade_base_class", None)
+        if base is not None:
+            target.__class__ = base
+    return target

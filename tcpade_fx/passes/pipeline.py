@@ -1,0 +1,138 @@
+"""The one driver of the graph passes: capture → locate → rewrite → verify, for the runtime and the exporters.
+
+    graphs = build_graphs(transformer, kwargs)                  # static shapes (the runtime)
+    graphs = build_graphs(transformer, kwargs, dynamic=True)    # symbolic batch/token axes (the exporters)
+
+Work on real tensors: one run of the transformer's own forward (the reference) and one of the compute graph,
+whose outputs are returned in :attr:`Graphs.outputs` so that the call that was captured need not run again, plus
+the predict graph (head and tail only) given the true residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .capture import capture_graph, flatten_call, leaf_index, leaf_names
+from .dynamic import ShapePlan, capture_dynamic
+from .locate import BlockStackPlan, locate_block_stack
+from .rewrite import build_compute_graph, build_predict_graph
+from .verify import VerificationError, check_rewrite
+
+
+@dataclass
+class Graphs:
+    """The two graphs the runtime switches between, and what was learnt capturing them.
+
+    ``compute(*leaves) -> (*outputs, residual)`` and ``predict(*leaves, residual) -> outputs`` take the flattened
+    call leaves (:func:`~tcpade_fx.passes.capture.flatten_call` with ``in_spec``); ``outputs`` unflatten with
+    ``out_spec``.
+    """
+
+    plan: BlockStackPlan
+    compute: torch.fx.GraphModule
+    predict: torch.fx.GraphModule
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    leaves: list[Any]  # the example leaves (the first call's, cloned)
+    timestep_position: int
+    outputs: list[Any] | None  # the compute graph's outputs on ``leaves`` (None when not verified)
+    residual: torch.Tensor | None
+    shapes: ShapePlan | None = None  # the dynamic axes (``dynamic=True``)
+    notes: list[str] = field(default_factory=list)
+    verification: dict = field(default_factory=dict)
+
+    @property
+    def leaf_names(self) -> list[str]:
+        return leaf_names(self.in_spec, skip_first_key=True)
+
+    @property
+    def output_names(self) -> list[str]:
+        return leaf_names(self.out_spec)
+
+    @property
+    def tensor_positions(self) -> list[int]:
+        return [i for i, x in enumerate(self.leaves) if isinstance(x, torch.Tensor)]
+
+    @property
+    def tensor_names(self) -> list[str]:
+        names = self.leaf_names
+        return [names[i] for i in self.tensor_positions]
+
+
+def _distinct_tensors(kwargs: dict) -> dict:
+    # torch.export silently aliases inputs given as the same tensor object
+    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, kwargs)
+
+
+def build_graphs(
+    module: torch.nn.Module,
+    kwargs: dict,
+    *,
+    forward: Callable | None = None,
+    dynamic: bool = False,
+    dynamic_batch: bool = True,
+    dynamic_tokens: bool = True,
+    block_prefixes: tuple[str, ...] | None = None,
+    verify: bool = True,
+) -> Graphs:
+    """Capture ``module(**kwargs)`` (through ``forward``, default the class's own), locate its block stack,
+    build the compute and predict graphs and, with ``verify``, check them against one run of ``forward``.
+
+    With ``dynamic`` the batch and token axes the model leaves free stay symbolic
+    (:mod:`tcpade_fx.passes.dynamic`; ``dynamic_batch``/``dynamic_tokens`` select which).
+
+    Raises:
+        TypeError: the call has no tensor ``timestep`` (steps are identified by the model time).
+        CaptureError, UnsupportedModelError, VerificationError: from the passes, each saying what to do.
+    """
+    if not isinstance(kwargs.get("timestep"), torch.Tensor):
+        raise TypeError(
+            f"{type(module).__name__} was called without a tensor `timestep`; tcpade_fx identifies steps by the "
+            "model time, so pass timestep=<tensor>"
+        )
+    kwargs = _distinct_tensors(kwargs)
+    shapes = None
+    if dynamic:
+        captured, plan, shapes = capture_dynamic(
+            module, kwargs, dynamic_batch=dynamic_batch, dynamic_tokens=dynamic_tokens,
+            block_prefixes=block_prefixes, forward=forward)
+    else:
+        captured = capture_graph(module, (), kwargs, forward=forward)
+        plan = locate_block_stack(captured.graph_module, block_prefixes)
+    gm, leaves = captured.graph_module, captured.example_leaves
+    compute, predict = build_compute_graph(gm, plan), build_predict_graph(gm, plan)
+    graphs = Graphs(
+        plan=plan, compute=compute, predict=predict, in_spec=captured.in_spec, out_spec=captured.out_spec,
+        leaves=list(leaves), timestep_position=leaf_index(kwargs, "timestep", captured.in_spec),
+        outputs=None, residual=None, shapes=shapes, notes=list(shapes.notes) if shapes else [],
+    )
+    if verify:
+        _, call_kwargs = pytree.tree_unflatten(list(leaves), captured.in_spec)
+        with torch.no_grad():
+            run = forward if forward is not None else type(module).forward.__get__(module)
+            reference = [t for t in pytree.tree_leaves(run(**call_kwargs)) if isinstance(t, torch.Tensor)]
+        checked = check_rewrite(reference, compute, predict, leaves, plan, exact=False)
+        if checked.compute_difference:
+            graphs.notes.append(
+                f"the captured graph differs from the eager forward by {checked.compute_difference:.1e} (relative; "
+                "torch.export's numerics), within the verification tolerance"
+            )
+        graphs.outputs, graphs.residual = checked.outputs, checked.residual
+        graphs.verification = {"compute": checked.compute_difference,
+                               "predict_true_residual": checked.predict_difference}
+    return graphs
+
+
+def example_residual(graphs: Graphs) -> torch.Tensor:
+    """The block-stack residual on the example leaves (the verified one, else one run of the compute graph)."""
+    if graphs.residual is None:
+        with torch.no_grad():
+            graphs.residual = graphs.compute(*graphs.leaves)[-1]
+    return graphs.residual
+
+
+__all__ = ["Graphs", "VerificationError", "build_graphs", "example_residual", "flatten_call"]
