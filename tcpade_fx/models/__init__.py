@@ -2,6 +2,9 @@
 
     pipe = tcpade_fx.models.load("mnist-dit")        # or "mnist-flux"
     images = pipe([0, 1, 2], num_inference_steps=28).images
+
+    pipe = tcpade_fx.models.load("mnist-wan")        # moving-digit video (WanTransformer3DModel)
+    frames = pipe([0, 1, 2], num_inference_steps=28, output_type="pt").frames   # (3, 8, 1, 28, 28)
 """
 
 from __future__ import annotations
@@ -11,7 +14,14 @@ from pathlib import Path
 import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MODELS = {"mnist-dit": "MNISTDiTPipeline", "mnist-flux": "MNISTFluxPipeline"}
+MODELS = {"mnist-dit": "MNISTDiTPipeline", "mnist-flux": "MNISTFluxPipeline", "mnist-wan": "MNISTWanPipeline"}
+#: the module of tcpade_fx.models that defines each pipeline
+_MODULES = {"mnist-dit": "mnist", "mnist-flux": "mnist", "mnist-wan": "wan"}
+_TRAIN = {
+    "mnist-dit": "python examples/train_mnist.py --model dit",
+    "mnist-flux": "python examples/train_mnist.py --model flux",
+    "mnist-wan": "python examples/train_wan.py",
+}
 
 
 def available() -> list[str]:
@@ -21,15 +31,14 @@ def available() -> list[str]:
 
 def load(name: str = "mnist-dit", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load a bundled pipeline (EMA weights shipped in fp16, cast to ``dtype``)."""
-    from . import mnist
+    import importlib
 
     if name not in MODELS:
         raise ValueError(f"unknown bundled model {name!r}; choose one of {sorted(MODELS)}")
     path = WEIGHTS_DIR / name
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(
-            f"weights of {name!r} are missing at {path}; train them with "
-            f"`python examples/train_mnist.py --model {name.split('-')[1]}`"
+            f"weights of {name!r} are missing at {path}; train them with `{_TRAIN[name]}`"
         )
     import diffusers.utils.logging as dlog
 
@@ -37,7 +46,8 @@ def load(name: str = "mnist-dit", dtype: torch.dtype = torch.float32, device: st
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     try:
-        pipe = getattr(mnist, MODELS[name]).from_pretrained(str(path), dtype=dtype)
+        module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+        pipe = getattr(module, MODELS[name]).from_pretrained(str(path), dtype=dtype)
     finally:
         dlog.set_verbosity(verbosity)
         dlog.enable_progress_bar()
