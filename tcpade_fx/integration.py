@@ -201,6 +201,7 @@ def _pipeline_class_with_reset(cls: type) -> type:
     @functools.wraps(base_call)
     def __call__(self, *args, **kwargs):
         runtime: TCPadeRuntime = self.tcpade
+        refuse_weight_hooks(runtime.module)  # enabled after compile: refused before it can run wrong
         scheduler = getattr(self, "scheduler", None)
         wrapped = ("set_timesteps", "step")
         originals = {n: scheduler.__dict__.get(n) for n in wrapped} if scheduler is not None else {}

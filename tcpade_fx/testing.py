@@ -145,3 +145,39 @@ TINY_TRANSFORMERS: dict[str, Callable[..., TinyCase]] = {
     "sd3": tiny_sd3,
     "pixart": tiny_pixart,
 }
+
+
+class AttentionCounter:
+    """Counts attention ops (``aten.*scaled_dot_product*``) run on real tensors while active; those on the fake
+    tensors of a torch.export trace are not counted. A measure of model work that timing noise does not blur::
+
+        with AttentionCounter() as count:
+            module(**kwargs)
+        count.calls
+    """
+
+    def __init__(self):
+        self.calls = 0
+        self._mode = None
+
+    def __enter__(self) -> "AttentionCounter":
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if "scaled_dot_product" in func.__name__:
+                    flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+                    if flat and not any(isinstance(a, FakeTensor) for a in flat):
+                        counter.calls += 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._mode.__exit__(*exc)
+        return False
