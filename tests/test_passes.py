@@ -348,5 +348,13 @@ def test_generic_stack_whose_input_is_a_graph_input_and_output_the_graph_output(
     assert torch.equal(module(**kwargs), ref)
 
 
-def test_patch_embedder_names_are_documented():
-    assert {"x_embedder", "pos_embed", "patch_embedding", "proj_in"} <= set(PATCH_EMBEDDERS)
+def test_without_the_patch_embedder_rule_flux_equal_token_counts_are_ambiguous(monkeypatch):
+    """What PATCH_EMBEDDERS is for: with text tokens = image tokens two body inputs have the output's shape; only
+    the embedder names tell them apart (the test above shows the choice is right)."""
+    import tcpade_fx.passes.locate as locate
+
+    module, kwargs = tiny_flux(image_tokens=16, text_tokens=16)
+    gm = capture_graph(module, (), kwargs).graph_module
+    monkeypatch.setattr(locate, "PATCH_EMBEDDERS", ())
+    with pytest.raises(UnsupportedModelError, match="cannot tell the block stack's residual input"):
+        locate_block_stack(gm)

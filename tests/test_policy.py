@@ -29,11 +29,34 @@ def test_presets_exist_validate_and_state_their_aim():
         assert 0.0 < PRESET_AIMS[name] <= 1.0
         assert resolve_policy(name) is p and resolve_policy(p) is p
     assert set(PRESET_AIMS) == set(PRESETS)
-    # the names promise an ordering of quality against speed
     q, b, f = (PRESETS[n] for n in NAMED)
-    assert PRESET_AIMS["quality"] > PRESET_AIMS["balanced"] > PRESET_AIMS["fast"]
     assert q.mid_tolerance <= b.mid_tolerance <= f.mid_tolerance
     assert q.mid_max_skip <= b.mid_max_skip <= f.mid_max_skip
+
+
+@FAST
+@given(steps=st.integers(12, 60), error=st.floats(0.0, 10.0))
+def test_presets_compute_what_their_aims_state_in_that_order(steps, error):
+    """Each preset's controller over a trajectory whose checked errors are ``error``: it never computes more than
+    ceil(aim * N) steps, spends exactly that once the errors are not negligible, and the names order quality above
+    speed (full > quality > balanced > fast computed steps)."""
+    from tcpade_fx import StepController
+
+    computed = {}
+    for name in ("full",) + NAMED:
+        ctl = StepController(PRESETS[name], steps)
+        for i in range(steps):
+            t = 1.0 - i / steps
+            if ctl.decide(i, t).compute:
+                ctl.record_compute(i, t, error if ctl.computed else None, None)
+            else:
+                ctl.record_predict()
+        computed[name] = ctl.computed
+        budget = math.ceil(PRESET_AIMS[name] * steps)
+        assert computed[name] <= budget, (name, computed[name], budget)
+        if error >= 0.2:
+            assert computed[name] == budget, (name, computed[name], budget)
+    assert computed["full"] > computed["quality"] > computed["balanced"] > computed["fast"], computed
 
 
 @FAST
