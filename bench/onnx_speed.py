@@ -51,17 +51,15 @@ def graph_call_costs(runner, pipe, labels, latents, repeats: int) -> tuple[float
     """Median seconds of one compute and one predict session call on the pipeline's real inputs."""
     recorded = {}
     transformer = pipe.transformer
-    installed = transformer.__dict__["forward"]
 
-    def record(*a, **k):
-        recorded.setdefault("call", installed._bind(a, k))
-        return installed(*a, **k)
+    def record(module, a, k):
+        recorded.setdefault("call", tcpade_fx.passes.bind_call(module, a, k))
 
-    transformer.forward = record
+    handle = transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
         pipe(labels, latents=latents.clone(), num_inference_steps=2, output_type="pt")
     finally:
-        transformer.forward = installed
+        handle.remove()
     leaves, _ = tcpade_fx.passes.flatten_call((), recorded["call"], runner.in_spec)
     *_, residual = runner.compute(*leaves)
     compute_t, predict_t = [], []

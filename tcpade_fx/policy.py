@@ -152,11 +152,6 @@ class Policy:
         if problems:
             raise ValueError("invalid TC-Padé policy: " + "; ".join(problems))
 
-    @property
-    def nodes_needed(self) -> int:
-        """History points the mid-stage extrapolant uses at full order."""
-        return needed_nodes(self.method, self.order)
-
     def replace(self, **changes) -> "Policy":
         """A copy with some fields changed (validated); the copy is named ``custom``."""
         changes.setdefault("name", "custom")

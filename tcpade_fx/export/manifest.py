@@ -38,13 +38,6 @@ def _version() -> str:
     return __version__
 
 
-def dtype_of(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ManifestMismatchError(f"manifest names an unknown dtype {name!r}")
-    return dtype
-
-
 def policy_fields(policy: Policy) -> dict:
     return dataclasses.asdict(policy)
 
