@@ -13,7 +13,6 @@ from tcpade_fx.integration import HOOK_NAME, UnsupportedHookError
 from tcpade_fx.testing import tiny_flux
 from tcpade_fx.testing_pipelines import output_of, tiny_flux_pipeline
 
-pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
 STEPS = 10

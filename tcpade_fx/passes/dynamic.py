@@ -346,6 +346,8 @@ def _independent_parts(free: _Discovery, symbols: set, probe: int) -> list[set]:
 
 
 def _blamed(message: str, names) -> list[str]:
+    # torch.export names the dimensions it refuses only in its error message (a UserError of type
+    # CONSTRAINT_VIOLATION carries no structured list), so the names are read from the text
     return [n for n in names if re.search(rf"(?<![0-9A-Za-z_]){re.escape(n)}(?![0-9A-Za-z_])", message)]
 
 
