@@ -164,6 +164,8 @@ class MNISTWanPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "class_encoder->transformer"
+    #: what ``tcpade_fx.export.to_onnx(pipe, folder)`` runs when no ``example_call`` is given
+    default_example_call = {"class_labels": [0, 1], "num_inference_steps": 2}
 
     def __init__(
         self,
