@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 from .backends import get_backend
 from .controller import StepController
 from .pade import all_finite, extrapolate_stacked, fit_modulation, relative_error, stack_history
+from .model_state import ModelFingerprint, model_fingerprint
 from .passes import BlockStackPlan, bind_call, build_graphs, flatten_call
 from .policy import Policy
 
@@ -232,6 +233,8 @@ class TCPadeRuntime:
         self._time_grids: list[_TimeGrid] = []
         self._rounded_times_noted = False
         self._step_index: Callable[[], int | None] | None = None
+        # exported graphs carry their own weights: a model change cannot be followed, only refused
+        self._fingerprint: ModelFingerprint | None = model_fingerprint(module) if graph_source else None
         self.reset()
 
     # -- trajectory state ------------------------------------------------------------------------------------
@@ -262,12 +265,48 @@ class TCPadeRuntime:
         the first candidate that the received values follow up to that rounding, scaled to the model's units.
         """
         self.reset()
-        self.stats = TCPadeStats(compiles=self.stats.compiles)
+        # notes taken since the last begin() with no call in between (a pipeline begins twice) carry over
+        carried = [] if self.stats.records else list(self.stats.notes)
+        self.stats = TCPadeStats(compiles=self.stats.compiles, notes=carried)
+        self.follow_model()
         self._num_steps = num_steps
         self._driven = schedule is not None
         self._time_grids = [_TimeGrid([float(v) for v in grid]) for grid in schedule or ()]
         self._rounded_times_noted = False
         self._step_index = step_index
+
+    def follow_model(self) -> bool:
+        """Compare the model with what the graphs were captured from (:mod:`tcpade_fx.model_state`); when it
+        changed (a LoRA attached, scaled, fused or removed, a Parameter or submodule replaced) drop every graph set,
+        so that the next call re-captures, with a note. Runs at the start of each trajectory (:meth:`begin`, and a
+        bare transformer's new trajectory); returns whether the model changed.
+
+        Raises:
+            RuntimeError: the runtime runs exported graphs (their weights are in the files), and the model changed.
+        """
+        if self._fingerprint is None:
+            return False
+        now = model_fingerprint(self.module)
+        change = now.difference(self._fingerprint)
+        if not change:
+            return False
+        if self.graph_source is not None:
+            raise RuntimeError(
+                f"the transformer changed since the exported graphs were installed ({change}); they hold the "
+                "weights they were exported with. Export again (tcpade_fx.export.to_onnx/to_tensorrt) with the "
+                "model as it is now, or tcpade_fx.compile(pipe) to follow model changes"
+            )
+        self.stats.notes.append(f"model changed since the graphs were captured ({change}): "
+                                f"{len(self._graph_sets)} graph set(s) dropped, re-captured at the next call")
+        self.clear_graphs()
+        self._fingerprint = None
+        return True
+
+    def clear_graphs(self) -> None:
+        """Drop every graph set (and every history): the next call captures again."""
+        self._graph_sets.clear()
+        self._current_signature = None
+        self.reset()
 
     def step_done(self) -> None:
         """The scheduler finished a step: the next call starts the next one (pipelines call this)."""
@@ -305,6 +344,7 @@ class TCPadeRuntime:
             return self.graph_source(kwargs)
         graphs = build_graphs(self.module, kwargs, forward=forward, block_prefixes=self.block_prefixes,
                               verify=self.verify)
+        self._fingerprint = model_fingerprint(self.module)
         self.stats.captures += 1
         self.stats.notes.extend(graphs.notes)
         compile_graph, options = self.backend.compile_graph, self.backend_options
@@ -330,6 +370,10 @@ class TCPadeRuntime:
         that other libraries' hooks are captured as they run); ``context`` the pipeline's ``cache_context``
         name, which keys the branch's history."""
         kwargs = bind_call(self.module, args, kwargs)
+        timestep = kwargs.get("timestep")
+        if (not self._driven and isinstance(timestep, torch.Tensor) and self._last_time is not None
+                and float(timestep.reshape(-1)[0]) > self._last_time):
+            self.follow_model()  # a bare transformer's new trajectory: where begin() would have checked
         current = self._graph_sets.get(self._current_signature)
         leaves, spec = flatten_call((), kwargs, current.in_spec if current else None)
         signature = self._signature_of(leaves, spec)
