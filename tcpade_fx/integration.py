@@ -184,15 +184,35 @@ def _scheduler_step_index(scheduler) -> int | None:
     return None
 
 
-def _require_one_call_per_step(scheduler) -> None:
+def require_first_order(scheduler) -> None:
+    """Refuse a sampler that evaluates the transformer more than once per step: one that declares ``order > 1``
+    (diffusers' Heun, KDPM2, DPM-SDE, FlowMatchHeun, ...) or repeats its timesteps."""
     timesteps = scheduler.timesteps
-    if len(timesteps) > 1 and bool((timesteps[1:] == timesteps[:-1]).any()):
+    order = getattr(scheduler, "order", 1)
+    repeated = len(timesteps) > 1 and bool((timesteps[1:] == timesteps[:-1]).any())
+    if (isinstance(order, int) and order > 1) or repeated:
+        why = f"declares order {order}" if isinstance(order, int) and order > 1 else "repeats its timesteps"
         raise ValueError(
-            f"{type(scheduler).__name__} evaluates the transformer more than once per step at repeated times (a "
-            "Heun/KDPM2-type second-order sampler); TC-Padé needs one evaluation per step to extrapolate along. Use "
-            "a first-order scheduler (FlowMatchEulerDiscreteScheduler) or a multistep solver "
+            f"{type(scheduler).__name__} {why}: a second-order sampler that evaluates the transformer more than once "
+            "per step; TC-Padé needs one evaluation per step to extrapolate along. Use a first-order scheduler "
+            "(FlowMatchEulerDiscreteScheduler, EulerDiscreteScheduler) or a multistep solver "
             "(UniPCMultistepScheduler, DPMSolverMultistepScheduler), or tcpade_fx.disable(pipe) for this sampler."
         )
+
+
+def stochastic_sampler(scheduler) -> str | None:
+    """Why ``scheduler`` injects noise at each step (None when, as far as its config says, it does not)."""
+    config = getattr(scheduler, "config", {}) or {}
+    if "sde" in str(config.get("algorithm_type", "")).lower():
+        return f"algorithm_type={config['algorithm_type']!r}"
+    if config.get("stochastic_sampling"):
+        return "stochastic_sampling=True"
+    if float(config.get("s_churn", 0) or 0) > 0:
+        return f"s_churn={config['s_churn']}"
+    name = type(scheduler).__name__
+    if any(k in name for k in ("Ancestral", "DDPM", "LCM", "TCD", "SDE")):
+        return f"{name} adds fresh noise at every step"
+    return None
 
 
 def _pipeline_class_with_reset(cls: type) -> type:
@@ -214,9 +234,14 @@ def _pipeline_class_with_reset(cls: type) -> type:
             @functools.wraps(bound_set)
             def set_timesteps(*a, **k):
                 result = bound_set(*a, **k)
-                _require_one_call_per_step(scheduler)
+                require_first_order(scheduler)
                 runtime.begin(num_steps=len(scheduler.timesteps), schedule=_time_grids(scheduler),
                               step_index=lambda: _scheduler_step_index(scheduler))
+                stochastic = stochastic_sampler(scheduler)
+                if stochastic:
+                    runtime.stats.notes.append(
+                        f"stochastic sampler ({stochastic}): each step's fresh noise is not in the residual history, "
+                        "so predictions deviate more from the full run than with a deterministic sampler")
                 return result
 
             @functools.wraps(bound_step)

@@ -18,9 +18,12 @@ import torch
 
 @dataclass(frozen=True)
 class ModelFingerprint:
-    parameters: tuple  # (name, id, dtype) per parameter and buffer (not the device: offloading moves weights)
-    submodules: tuple  # id per submodule, in order
-    adapters: tuple  # per PEFT tuner layer: (name, active adapters, merged adapters, disabled, scales)
+    """Identity of every submodule, parameter and buffer, and every PEFT tuner layer's state, as flat tuples: cheap
+    to take (one walk over the module tree) and to compare. :meth:`difference` names what changed."""
+
+    tensors: tuple  # id per parameter and buffer, module by module (not their devices: offloading moves weights)
+    submodules: tuple  # id per submodule, in walk order
+    adapters: tuple  # per PEFT tuner layer: (active adapters, merged adapters, disabled, scales)
 
     def difference(self, other: "ModelFingerprint") -> str:
         """What changed from ``other`` to this one, in words (empty when nothing did)."""
@@ -29,20 +32,15 @@ class ModelFingerprint:
             changes.append("the PEFT adapters (attached, removed, activated, scaled, merged or disabled)")
         if self.submodules != other.submodules:
             changes.append("submodules (added, removed or replaced)")
-        if self.parameters != other.parameters:
-            before = {p[0]: p[1:] for p in other.parameters}
-            names = [p[0] for p in self.parameters if before.get(p[0]) != p[1:]]
-            names += [n for n in before if n not in {p[0] for p in self.parameters}]
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            changes.append(f"parameters replaced by new tensors ({shown})")
+        if self.tensors != other.tensors:
+            changes.append("parameters or buffers replaced by new tensors")
         return "; ".join(changes)
 
 
-def _adapter_state(name: str, layer) -> tuple:
+def _adapter_state(layer) -> tuple:
     active = getattr(layer, "active_adapters", ())
     scaling = getattr(layer, "scaling", {}) or {}
     return (
-        name,
         tuple(active) if isinstance(active, (list, tuple)) else (active,),
         tuple(getattr(layer, "merged_adapters", ()) or ()),
         bool(getattr(layer, "disable_adapters", False)),
@@ -50,16 +48,17 @@ def _adapter_state(name: str, layer) -> tuple:
     )
 
 
-def _is_tuner_layer(module: torch.nn.Module) -> bool:
-    return hasattr(module, "merged_adapters") and hasattr(module, "active_adapters")
-
-
 def model_fingerprint(module: torch.nn.Module) -> ModelFingerprint:
-    """The fingerprint of ``module`` as it is now (one walk over its submodules and tensors)."""
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    submodules = list(module.named_modules())
-    return ModelFingerprint(
-        parameters=tuple((n, id(t), t.dtype) for n, t in tensors),
-        submodules=tuple(id(m) for _, m in submodules),
-        adapters=tuple(_adapter_state(n, m) for n, m in submodules if _is_tuner_layer(m)),
-    )
+    """The fingerprint of ``module`` as it is now: one walk over the ``_modules`` tree (no names are built)."""
+    tensors, submodules, adapters = [], [], []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        d = m.__dict__
+        submodules.append(id(m))
+        tensors.extend(map(id, d["_parameters"].values()))
+        tensors.extend(map(id, d["_buffers"].values()))
+        if "merged_adapters" in d:  # a PEFT tuner layer (BaseTunerLayer keeps this list on the instance)
+            adapters.append(_adapter_state(m))
+        stack.extend(d["_modules"].values())
+    return ModelFingerprint(tuple(tensors), tuple(submodules), tuple(adapters))

@@ -235,6 +235,7 @@ class TCPadeRuntime:
         self._step_index: Callable[[], int | None] | None = None
         # exported graphs carry their own weights: a model change cannot be followed, only refused
         self._fingerprint: ModelFingerprint | None = model_fingerprint(module) if graph_source else None
+        self._model_checked = False
         self.reset()
 
     # -- trajectory state ------------------------------------------------------------------------------------
@@ -284,8 +285,9 @@ class TCPadeRuntime:
         Raises:
             RuntimeError: the runtime runs exported graphs (their weights are in the files), and the model changed.
         """
-        if self._fingerprint is None:
+        if self._fingerprint is None or self._model_checked:
             return False
+        self._model_checked = True  # until the next call: a pipeline begins twice per call
         now = model_fingerprint(self.module)
         change = now.difference(self._fingerprint)
         if not change:
@@ -370,6 +372,7 @@ class TCPadeRuntime:
         that other libraries' hooks are captured as they run); ``context`` the pipeline's ``cache_context``
         name, which keys the branch's history."""
         kwargs = bind_call(self.module, args, kwargs)
+        self._model_checked = False
         timestep = kwargs.get("timestep")
         if (not self._driven and isinstance(timestep, torch.Tensor) and self._last_time is not None
                 and float(timestep.reshape(-1)[0]) > self._last_time):

@@ -237,15 +237,43 @@ def test_img2img_starts_part_way_and_still_computes_the_last_step():
     assert stats.predicted > 0
 
 
-def test_a_second_order_heun_sampler_is_refused_with_what_to_use_instead():
-    from diffusers import HeunDiscreteScheduler
+def _second_order_schedulers() -> list[str]:
+    """Every diffusers scheduler that declares order > 1 (no list of names: what the classes say)."""
+    import diffusers
+
+    names = []
+    for name in dir(diffusers):
+        if not name.endswith("Scheduler"):
+            continue
+        try:
+            cls = getattr(diffusers, name)
+            order = getattr(cls, "order", 1)
+        except ImportError:  # a placeholder for a scheduler that needs an optional dependency (torchsde)
+            continue
+        if isinstance(cls, type) and isinstance(order, int) and order > 1:
+            names.append(name)
+    return sorted(names)
+
+
+# FlowMatch Heun needs a flow pipeline; DPM-SDE needs torchsde; KarrasVe's step takes another signature (UNet
+# pipelines only): none of them can sample the DiT pipeline, compiled or not
+SECOND_ORDER = [n for n in _second_order_schedulers() if not any(k in n for k in ("FlowMatch", "SDE", "KarrasVe"))]
+
+
+def test_the_second_order_list_is_what_diffusers_declares():
+    assert {"HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"} <= set(SECOND_ORDER)
+
+
+@pytest.mark.parametrize("scheduler", SECOND_ORDER)
+def test_a_second_order_sampler_is_refused_with_what_to_use_instead(scheduler):
+    import diffusers
 
     pipe, kwargs = tiny_dit_pipeline()
     euler = pipe.scheduler
-    pipe.scheduler = HeunDiscreteScheduler.from_config(euler.config)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(euler.config)
     tcpade_fx.compile(pipe, "balanced")
-    with pytest.raises(ValueError, match="HeunDiscreteScheduler evaluates the transformer more than once"
-                                         ".*UniPCMultistepScheduler"):
+    with pytest.raises(ValueError, match=f"{scheduler} (declares order 2|repeats its timesteps).*"
+                                         "UniPCMultistepScheduler"):
         run(pipe, kwargs, steps=6)
     tcpade_fx.disable(pipe)
     assert torch.isfinite(run(pipe, kwargs, steps=6)).all()  # nothing lost: the pipeline still samples
@@ -253,3 +281,15 @@ def test_a_second_order_heun_sampler_is_refused_with_what_to_use_instead():
     tcpade_fx.compile(pipe, "balanced")
     run(pipe, kwargs, steps=6)
     assert [r.step for r in pipe.tcpade.stats.records] == list(range(6))
+
+
+def test_a_stochastic_sampler_runs_with_a_note():
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe, kwargs = tiny_dit_pipeline()
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    tcpade_fx.compile(pipe, "balanced")
+    out = run(pipe, kwargs, steps=12)
+    stats = pipe.tcpade.stats
+    assert torch.isfinite(out).all() and stats.predicted > 0
+    assert any(n.startswith("stochastic sampler (EulerAncestralDiscreteScheduler") for n in stats.notes), stats.notes
