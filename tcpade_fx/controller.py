@@ -144,6 +144,8 @@ class StepController:
                 return done(True, "explicit schedule" if have else "no history")
             return done(False, "explicit schedule")
         is_last = self.num_steps is not None and step >= self.num_steps - 1
+        if self.num_steps is not None and self.num_steps < p.min_steps:
+            return done(True, "few steps")
         if is_last and p.compute_last_step:
             return done(True, "last step")
         if stage == "early":
@@ -359,7 +361,9 @@ class StepController:
             self._replan(step)  # a computation off the plan: spread what is left (a planned one keeps the plan)
 
     def clear_history(self) -> None:
-        """Forget the history (e.g. after a non-finite residual): the next steps compute until it refills."""
+        """Forget the history (a jump, a non-finite residual, a new input shape): the next step computes, later ones
+        extrapolate from what the history holds by then (the budget plan is kept; forcing computes until the
+        history refills overspent it: measured on the ControlNet jump of tests/test_jumps.py)."""
         self.computed_times.clear()
         self.tsi = None
         self.run_length = 0

@@ -51,6 +51,12 @@ class Policy:
         mid_tolerance / late_tolerance: largest predicted relative residual error accepted.
         mid_max_skip / late_max_skip: longest run of predicted steps in that stage.
         compute_last_step: always compute the final step.
+        min_steps: trajectories of fewer steps are computed in full (with a note): caching a distilled 4-step
+            model costs quality for little gain. Lower it to cache short trajectories anyway.
+    Jumps:
+        jump_factor / jump_floor: a checked error above ``jump_factor`` × the median of the branch's recent checked
+            errors and above ``jump_floor`` (relative) means what conditions the blocks changed regime (a ControlNet
+            switching off, a guidance schedule): the branch's history restarts from that step, with a note.
     Budget:
         compute_budget: largest fraction of steps to compute (None: error control alone decides). Steps forced
             by the stages, ``max_skip`` and the last step are always computed; the tolerance spends the rest of
@@ -87,6 +93,9 @@ class Policy:
     mid_max_skip: int = 3
     late_max_skip: int = 2
     compute_last_step: bool = True
+    min_steps: int = 9
+    jump_factor: float = 20.0
+    jump_floor: float = 0.25
     compute_budget: float | None = None
     budget_warp: float = 1.3
     schedule: Schedule = "adaptive"
@@ -112,6 +121,12 @@ class Policy:
                 problems.append(f"{name}={v!r} must be an int >= 0")
         if isinstance(self.late_max_skip, int) and self.late_max_skip > 2:
             problems.append(f"late_max_skip={self.late_max_skip} must be <= 2 (the late stage changes fast)")
+        if not isinstance(self.min_steps, int) or self.min_steps < 1:
+            problems.append(f"min_steps={self.min_steps!r} must be an int >= 1")
+        for name in ("jump_factor", "jump_floor"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0):
+                problems.append(f"{name}={v!r} must be a number > 0 (math.inf turns jump detection off)")
         if not isinstance(self.interval, int) or self.interval < 1:
             problems.append(f"interval={self.interval!r} must be an int >= 1")
         for name in ("eps", "mid_tolerance", "late_tolerance"):

@@ -26,6 +26,7 @@ of a signature is served by the verified compute graph's own outputs (one refere
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -150,6 +151,7 @@ class Branch:
     modulation: torch.Tensor | float = 1.0  # μ of Policy.modulate_denominator, one per batch element
     modulation_mean: float = 1.0  # its batch mean, for the stats (read once per fit, not once per predicted step)
     signature: Any = None  # the input signature its history was computed with
+    check_errors: list[float] = field(default_factory=list)  # the newest checked errors (jump detection)
 
     @property
     def residuals(self) -> list[torch.Tensor]:
@@ -175,6 +177,7 @@ class Branch:
         self.stacked = None
         self.shape = None
         self.modulation, self.modulation_mean = 1.0, 1.0
+        self.check_errors = []
         self.controller.clear_history()
 
 
@@ -271,6 +274,10 @@ class TCPadeRuntime:
         self.stats = TCPadeStats(compiles=self.stats.compiles, notes=carried)
         self.follow_model()
         self._num_steps = num_steps
+        if num_steps is not None and num_steps < self.policy.min_steps:
+            self.stats.notes.append(
+                f"{num_steps} steps, fewer than Policy.min_steps={self.policy.min_steps}: every step computed (caching "
+                "a few-step model costs quality for little gain; lower min_steps to cache anyway)")
         self._driven = schedule is not None
         self._time_grids = [_TimeGrid([float(v) for v in grid]) for grid in schedule or ()]
         self._rounded_times_noted = False
@@ -485,10 +492,25 @@ class TCPadeRuntime:
             dt = abs(time - branch.times[-1])
             if dt > 0:
                 velocity = float(relative_error(residual, branch.newest, per_sample=False).max()) / dt
+        if check_error is not None and self._is_jump(branch, check_error):
+            self.stats.notes.append(
+                f"step {step} (branch {branch.index}): the checked error {check_error:.3g} is "
+                f"{check_error / statistics.median(branch.check_errors):.0f}x its recent level: what conditions the "
+                "blocks changed regime, history restarted from this step")
+            branch.clear_history()
+            check_error = velocity = None
+        if check_error is not None:
+            branch.check_errors = branch.check_errors[-4:] + [check_error]
         branch.controller.record_compute(step, time, check_error, velocity)
         branch.push(time, residual, p.history_size)
         self._record(**record, check_error=check_error, computed=True)
         return out
+
+    def _is_jump(self, branch: Branch, check_error: float) -> bool:
+        p = self.policy
+        if len(branch.check_errors) < 3 or not check_error > p.jump_floor:
+            return False
+        return check_error > p.jump_factor * statistics.median(branch.check_errors)
 
     @property
     def _modulates(self) -> bool:

@@ -167,3 +167,34 @@ def output_of(result) -> torch.Tensor:
         if value is not None:
             return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     raise TypeError(f"no images/frames in {type(result).__name__}")
+
+
+def tiny_flux_controlnet_pipeline(seed: int = 0, control_guidance_end: float = 0.5) -> TinyPipelineCase:
+    """FluxControlNetPipeline whose ControlNet stops guiding at ``control_guidance_end`` of the steps: what
+    conditions the blocks jumps there (the ControlNet residuals drop to zero)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline
+
+    torch.manual_seed(seed)
+    transformer = tiny_flux_transformer()
+    controlnet = FluxControlNetModel(
+        patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    with torch.no_grad():  # ControlNet zero-inits its output blocks: give them weights so that it guides
+        for p in controlnet.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.3)
+    vae = _tiny_vae(2, shift_factor=0.1)
+    pipe = FluxControlNetPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, transformer=transformer, controlnet=controlnet,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = _gen(seed + 1)
+    kw = dict(
+        prompt_embeds=torch.randn(1, 8, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 16, generator=g),
+        control_image=torch.rand(1, 3, 16, 16, generator=g), controlnet_conditioning_scale=1.0,
+        control_guidance_end=control_guidance_end, height=16, width=16, guidance_scale=1.0, output_type="pt",
+    )
+    return pipe, kw

@@ -55,6 +55,7 @@ def policies(draw, schedule=None, rise_min=1.0, budget=True):
         compute_budget=draw(st.none() | st.floats(0.05, 1.0)) if budget else None,
         schedule=schedule or draw(st.sampled_from(["adaptive", "fixed"])),
         interval=draw(st.integers(1, 5)),
+        min_steps=1,  # the controller's logic on short schedules too (few-step runs: test_few_steps_...)
     )
 
 
@@ -318,7 +319,7 @@ def test_constant_tsi_never_looks_like_a_transition(policy, times, exponent):
        lambda_min=st.floats(0.0, 0.9), max_skip=st.integers(2, 6))
 def test_a_rise_of_the_tsi_is_a_transition(jump, rise, at, exponent, lambda_min, max_skip):
     """The error constant jumps by more than rise_factor: damping toward reuse and a halved horizon follow."""
-    policy = Policy(method="taylor", order=1, late_order=1, history_size=3, early_end=0.2, late_start=1.0,
+    policy = Policy(method="taylor", order=1, late_order=1, history_size=3, early_end=0.2, late_start=1.0, min_steps=1,
                     mid_tolerance=1e300, mid_max_skip=max_skip, rise_factor=rise, lambda_min=lambda_min)
     times = [1 - i / 40 for i in range(40)]
     c = 10.0**exponent
@@ -420,3 +421,27 @@ def test_planned_gaps_never_shrink_when_max_skip_does_not_bind(policy, times, ex
     anchors = ([warm[-1]] if warm else []) + steps
     gaps = [b - a for a, b in zip(anchors, anchors[1:])]
     assert gaps == sorted(gaps), "".join("C" if d.compute else "." for d in ctl.decisions)
+
+
+@FAST
+@given(steps=st.integers(1, 30), name=st.sampled_from(["quality", "balanced", "fast"]), error=st.floats(0.0, 10.0))
+def test_few_steps_are_computed_in_full_unless_the_policy_lowers_min_steps(steps, name, error):
+    def computed(policy):
+        ctl = StepController(policy, steps)
+        for i in range(steps):
+            t = 1.0 - i / steps
+            if ctl.decide(i, t).compute:
+                ctl.record_compute(i, t, error if ctl.computed else None, None)
+            else:
+                ctl.record_predict()
+        return ctl.computed, ctl.decisions
+
+    preset = Policy.preset(name)
+    count, decisions = computed(preset)
+    if steps < preset.min_steps:
+        assert count == steps and all(d.reason == "few steps" for d in decisions)
+    else:
+        assert not any(d.reason == "few steps" for d in decisions)
+    if steps >= 4:
+        lowered, _ = computed(preset.replace(min_steps=1))
+        assert lowered < steps

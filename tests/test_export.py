@@ -323,7 +323,7 @@ def test_bare_flux_transformer_roundtrip(flux):
 
     model, folder = flux
     _, kw3 = tiny_flux(batch=3, seed=1)
-    times = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    times = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]  # >= Policy.min_steps: cached
 
     def trajectory():
         model.tcpade.begin(len(times))

@@ -1,0 +1,56 @@
+"""Jumps in the trajectory: what conditions the blocks changes regime mid-run (a ControlNet switching off). The
+a-posteriori error far above its running level restarts the branch's history from that step, with a note."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tcpade_fx
+from tcpade_fx import Policy
+from tcpade_fx.testing_pipelines import output_of, tiny_flux_controlnet_pipeline
+
+pytest.importorskip("transformers")
+STEPS = 20
+
+
+def _run(pipe, kwargs) -> torch.Tensor:
+    return output_of(pipe(**kwargs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0)))
+
+
+def _with(pipe, kwargs, policy):
+    tcpade_fx.compile(pipe, policy)
+    out = _run(pipe, kwargs)
+    return out, pipe.tcpade.stats
+
+
+def test_a_controlnet_switching_off_restarts_the_history():
+    pipe, kwargs = tiny_flux_controlnet_pipeline(control_guidance_end=0.5)
+    reference = _run(pipe, kwargs)
+    balanced = Policy.preset("balanced")
+    kept, kept_stats = _with(pipe, kwargs, balanced.replace(jump_factor=math.inf))  # before: history kept
+    restarted, stats = _with(pipe, kwargs, balanced)
+
+    jumps = [n for n in stats.notes if "changed regime" in n]
+    assert len(jumps) == 1, stats.notes
+    assert not any("changed regime" in n for n in kept_stats.notes)
+    switch = int(jumps[0].split()[1])
+    assert STEPS // 2 <= switch <= STEPS // 2 + 4  # the first computed step after control_guidance_end
+    # the checks after the switch no longer extrapolate across it
+    after = [r.check_error for r in stats.records if r.step > switch and r.check_error is not None]
+    after_kept = [r.check_error for r in kept_stats.records if r.step > switch and r.check_error is not None]
+    assert max(after) < max(after_kept)
+    assert stats.computed <= math.ceil(0.4 * STEPS)  # within the budget
+
+    def deviation(x):
+        return float((x - reference).norm() / reference.norm())
+
+    assert deviation(restarted) <= deviation(kept)
+
+
+def test_no_jump_without_a_switch():
+    pipe, kwargs = tiny_flux_controlnet_pipeline(control_guidance_end=1.0)
+    _, stats = _with(pipe, kwargs, "balanced")
+    assert stats.predicted > 0 and not any("changed regime" in n for n in stats.notes), stats.notes
