@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from .backends import get_backend
-from .integration import active_cache_hooks, install_runtime, remove_runtime, transformer_of
+from .integration import active_cache_hooks, denoisers_of, install_runtimes, remove_runtime
 from .policy import Policy, resolve_policy
 from .runtime import TCPadeRuntime
 
@@ -20,6 +20,8 @@ def compile(
     verify: bool = True,
     block_prefixes: tuple[str, ...] | None = None,
     backend_options: dict | None = None,
+    dynamic_shapes: bool = True,
+    max_graph_sets: int = 4,
 ) -> T:
     """Make a diffusers pipeline (or a bare DiT-family transformer) sample with TC-Padé; returns it, mutated.
 
@@ -40,8 +42,15 @@ def compile(
         verify: check the rewrite against the original forward on the first call's inputs before use.
         block_prefixes: names of the block ModuleList(s) when the model is not one of the known families.
         backend_options: keyword arguments for the backend's compiler (e.g. ``torch.compile`` options).
+        dynamic_shapes: capture with symbolic batch and token axes where the model allows, so that new
+            resolutions and batch sizes reuse the graphs (each new shape is checked once against the eager
+            forward); False captures once per input signature.
+        max_graph_sets: graph sets held at most (least recently used dropped, with a note);
+            ``target.tcpade.graph_sets`` counts them, ``target.tcpade.clear_graphs()`` drops them.
 
-    The runtime and its stats are at ``target.tcpade`` (``target.tcpade.stats``).
+    Every transformer the pipeline denoises with gets its own runtime (Wan 2.2: ``transformer`` and
+    ``transformer_2``), driven by the pipeline's scheduler. The runtime and its stats are at ``target.tcpade``
+    (``target.tcpade.stats``; the ``transformer``'s), each denoiser's at ``target.tcpade_denoisers[name]``.
 
     Raises:
         ValueError: an unknown policy or backend (the message lists what exists).
@@ -50,17 +59,19 @@ def compile(
     """
     policy = resolve_policy(policy)
     get_backend(backend).require()
-    transformer = transformer_of(target)
-    hooks = active_cache_hooks(transformer)
-    if hooks:
-        raise RuntimeError(
-            "a diffusers cache is already enabled on this transformer (" + ", ".join(hooks) + "). Two caches "
-            "would skip work on each other's predictions; disable it first (transformer.disable_cache() or "
-            "diffusers.hooks.HookRegistry.remove_hook) and call tcpade_fx.compile again."
-        )
-    runtime = TCPadeRuntime(transformer, policy, backend, verify=verify, block_prefixes=block_prefixes,
-                            backend_options=backend_options)
-    return install_runtime(target, runtime)
+    denoisers = denoisers_of(target)
+    for name, transformer in denoisers.items():
+        hooks = active_cache_hooks(transformer)
+        if hooks:
+            raise RuntimeError(
+                f"a diffusers cache is already enabled on {name} (" + ", ".join(hooks) + "). Two caches would skip "
+                "work on each other's predictions; disable it first (transformer.disable_cache() or "
+                "diffusers.hooks.HookRegistry.remove_hook) and call tcpade_fx.compile again."
+            )
+    runtimes = {name: TCPadeRuntime(transformer, policy, backend, verify=verify, block_prefixes=block_prefixes,
+                                    backend_options=backend_options, dynamic_shapes=dynamic_shapes,
+                                    max_graph_sets=max_graph_sets) for name, transformer in denoisers.items()}
+    return install_runtimes(target, runtimes)
 
 
 def disable(target: T) -> T:

@@ -22,6 +22,7 @@ starts a trajectory (:meth:`TCPadeRuntime.begin` with the scheduler's grid) and 
 from __future__ import annotations
 
 import functools
+import re
 from typing import TypeVar
 
 import torch
@@ -56,6 +57,19 @@ def transformer_of(target) -> torch.nn.Module:
         f"tcpade_fx.compile expects a diffusers pipeline with a `.transformer` or a transformer nn.Module, got "
         f"{type(target).__name__}. UNet pipelines have no transformer-block stack to cache."
     )
+
+
+def denoisers_of(target) -> dict[str, torch.nn.Module]:
+    """Every transformer a pipeline denoises with, by component name (``transformer``, ``transformer_2``, ...:
+    Wan 2.2's two experts); ``{"transformer": target}`` for a bare module."""
+    if isinstance(target, torch.nn.Module):
+        return {"transformer": target}
+    found = {name: getattr(target, name, None) for name in ("transformer", *sorted(
+        n for n in (getattr(target, "components", None) or {}) if re.fullmatch(r"transformer_\d+", n)))}
+    found = {name: module for name, module in found.items() if isinstance(module, torch.nn.Module)}
+    if not found:
+        transformer_of(target)  # raises with what is expected
+    return found
 
 
 def _registries(module: torch.nn.Module):
@@ -117,10 +131,26 @@ class _ContextName(StateManager):
         self.name = None
 
 
+_NO_COPY = (
+    "a tcpade_fx-compiled {what} cannot be pickled or deep-copied: its captured graphs and histories are bound to "
+    "this process's module objects. Call tcpade_fx.disable(pipe) first, pickle or copy it, and compile the copy "
+    "(tcpade_fx.compile(copy, policy=...)); or save the weights with save_pretrained and export the graphs with "
+    "tcpade_fx.export.to_onnx"
+)
+
+
+def _refuse_copy(what: str):
+    def __reduce_ex__(self, protocol):
+        raise TypeError(_NO_COPY.format(what=what))
+
+    return __reduce_ex__
+
+
 class TCPadeHook(ModelHook):
     """The runtime as a diffusers hook: replaces the forward of the module it is registered on."""
 
     _is_stateful = True
+    __reduce_ex__ = _refuse_copy("transformer")
 
     def __init__(self, runtime: TCPadeRuntime):
         super().__init__()
@@ -220,8 +250,9 @@ def _pipeline_class_with_reset(cls: type) -> type:
 
     @functools.wraps(base_call)
     def __call__(self, *args, **kwargs):
-        runtime: TCPadeRuntime = self.tcpade
-        refuse_weight_hooks(runtime.module)  # enabled after compile: refused before it can run wrong
+        runtimes: list[TCPadeRuntime] = list(self.tcpade_denoisers.values())
+        for runtime in runtimes:
+            refuse_weight_hooks(runtime.module)  # enabled after compile: refused before it can run wrong
         scheduler = getattr(self, "scheduler", None)
         wrapped = ("set_timesteps", "step")
         originals = {n: scheduler.__dict__.get(n) for n in wrapped} if scheduler is not None else {}
@@ -235,24 +266,27 @@ def _pipeline_class_with_reset(cls: type) -> type:
             def set_timesteps(*a, **k):
                 result = bound_set(*a, **k)
                 require_first_order(scheduler)
-                runtime.begin(num_steps=len(scheduler.timesteps), schedule=_time_grids(scheduler),
-                              step_index=lambda: _scheduler_step_index(scheduler))
                 stochastic = stochastic_sampler(scheduler)
-                if stochastic:
-                    runtime.stats.notes.append(
-                        f"stochastic sampler ({stochastic}): each step's fresh noise is not in the residual history, "
-                        "so predictions deviate more from the full run than with a deterministic sampler")
+                for runtime in runtimes:
+                    runtime.begin(num_steps=len(scheduler.timesteps), schedule=_time_grids(scheduler),
+                                  step_index=lambda: _scheduler_step_index(scheduler))
+                    if stochastic:
+                        runtime.stats.notes.append(
+                            f"stochastic sampler ({stochastic}): each step's fresh noise is not in the residual "
+                            "history, so predictions deviate more from the full run than with a deterministic sampler")
                 return result
 
             @functools.wraps(bound_step)
             def step(*a, **k):
                 result = bound_step(*a, **k)
-                runtime.step_done()
+                for runtime in runtimes:
+                    runtime.step_done()
                 return result
 
             scheduler.set_timesteps = set_timesteps
             scheduler.step = step
-        runtime.begin(None)
+        for runtime in runtimes:
+            runtime.begin(None)
         try:
             return base_call(self, *args, **kwargs)
         finally:
@@ -262,36 +296,56 @@ def _pipeline_class_with_reset(cls: type) -> type:
                 else:
                     setattr(scheduler, name, original)
 
-    return type(cls.__name__, (cls,), {"__call__": __call__, "_tcpade_base_class": cls})
+    return type(cls.__name__, (cls,), {"__call__": __call__, "_tcpade_base_class": cls,
+                                       "__reduce_ex__": _refuse_copy("pipeline")})
 
 
 def installed_runtime(target) -> TCPadeRuntime | None:
     """The runtime installed on ``target``'s transformer (None when there is none)."""
-    registry = getattr(transformer_of(target), "_diffusers_hook", None)
+    return _hooked_runtime(transformer_of(target))
+
+
+def _hooked_runtime(module: torch.nn.Module) -> TCPadeRuntime | None:
+    registry = getattr(module, "_diffusers_hook", None)
     hook = registry.get_hook(HOOK_NAME) if registry is not None else None
     return hook.runtime if hook is not None else None
 
 
-def install_runtime(target: T, runtime: TCPadeRuntime) -> T:
-    """Register ``runtime`` as the ``"tcpade_fx"`` hook of the transformer (replacing an earlier one) and, for a
-    pipeline, let the scheduler drive its trajectories. Used by :func:`tcpade_fx.compile` and the export runners.
+def install_runtimes(target: T, runtimes: dict[str, TCPadeRuntime]) -> T:
+    """Register each runtime as the ``"tcpade_fx"`` hook of the denoiser of that name (replacing earlier ones)
+    and, for a pipeline, let the scheduler drive their trajectories. Used by :func:`tcpade_fx.compile` (every
+    denoiser of :func:`denoisers_of`) and the export runners (``transformer``).
 
     Raises :class:`UnsupportedHookError` for hooks it cannot compose with (see :func:`refuse_weight_hooks`).
     """
-    transformer = transformer_of(target)
-    refuse_weight_hooks(transformer)
-    if installed_runtime(target) is not None:
-        remove_runtime(target)
-    with _accelerate_outside(transformer):
-        registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        registry.register_hook(TCPadeHook(runtime), HOOK_NAME)
-    transformer.tcpade = runtime
-    if target is not transformer:
-        target.tcpade = runtime
+    denoisers = denoisers_of(target)
+    unknown = sorted(set(runtimes) - set(denoisers))
+    if unknown:
+        raise ValueError(f"{type(target).__name__} has no denoiser named {unknown}; it has {sorted(denoisers)}")
+    for name in runtimes:
+        refuse_weight_hooks(denoisers[name])
+    remove_runtime(target)
+    for name, runtime in runtimes.items():
+        module = denoisers[name]
+        with _accelerate_outside(module):
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.register_hook(TCPadeHook(runtime), HOOK_NAME)
+        module.tcpade = runtime
+    uncached = sorted(set(denoisers) - set(runtimes))
+    for runtime in runtimes.values():
+        runtime.standing_notes = [f"{name} runs uncached (not part of this install)" for name in uncached]
+    if target is not denoisers.get("transformer"):
+        target.tcpade = runtimes.get("transformer") or next(iter(runtimes.values()))
+        target.tcpade_denoisers = dict(runtimes)
         cls = type(target)
         if not hasattr(cls, "_tcpade_base_class"):
             target.__class__ = _pipeline_class_with_reset(cls)
     return target
+
+
+def install_runtime(target: T, runtime: TCPadeRuntime) -> T:
+    """:func:`install_runtimes` for the ``transformer`` alone."""
+    return install_runtimes(target, {"transformer": runtime})
 
 
 def _drop_plain_forward(module: torch.nn.Module) -> None:
@@ -302,17 +356,18 @@ def _drop_plain_forward(module: torch.nn.Module) -> None:
 
 
 def remove_runtime(target: T) -> T:
-    """Undo :func:`install_runtime`: the hook is removed from the registry (other hooks, accelerate's included,
-    stay as they are) and the pipeline class restored; returns ``target``."""
-    transformer = transformer_of(target)
-    registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        with _accelerate_outside(transformer):
-            registry.remove_hook(HOOK_NAME, recurse=False)
-            _drop_plain_forward(transformer)
-    transformer.__dict__.pop("tcpade", None)
-    if target is not transformer:
+    """Undo :func:`install_runtimes`: the hooks are removed from the registries (other hooks, accelerate's
+    included, stay as they are) and the pipeline class restored; returns ``target``."""
+    for module in denoisers_of(target).values():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+            with _accelerate_outside(module):
+                registry.remove_hook(HOOK_NAME, recurse=False)
+                _drop_plain_forward(module)
+        module.__dict__.pop("tcpade", None)
+    if not isinstance(target, torch.nn.Module):
         target.__dict__.pop("tcpade", None)
+        target.__dict__.pop("tcpade_denoisers", None)
         base = getattr(type(target), "_tcpade_base_class", None)
         if base is not None:
             target.__class__ = base

@@ -27,6 +27,7 @@ of a signature is served by the verified compute graph's own outputs (one refere
 from __future__ import annotations
 
 import statistics
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -37,7 +38,8 @@ from .backends import get_backend
 from .controller import StepController
 from .pade import all_finite, extrapolate_stacked, fit_modulation, relative_error, stack_history
 from .model_state import ModelFingerprint, model_fingerprint
-from .passes import BlockStackPlan, bind_call, build_graphs, flatten_call
+from .passes import BlockStackPlan, ShapePlan, VerificationError, bind_call, build_graphs, check_rewrite, flatten_call
+from .passes.dynamic import leaf_layout
 from .policy import Policy
 
 
@@ -135,6 +137,12 @@ class GraphSet:
     out_spec: pytree.TreeSpec
     timestep_position: int
     first_outputs: tuple | None = None  # the verified compute graph's outputs for the call that was captured
+    shapes: ShapePlan | None = None  # dynamic axes: the graphs also run other sizes along them
+    example: list | None = None  # the example leaves' layouts (passes.dynamic.leaf_layout), for ``accepts``
+    verified: set = field(default_factory=set)  # exact signatures already checked against the eager forward
+
+    def accepts(self, leaves: list) -> bool:
+        return self.shapes is not None and self.example is not None and self.shapes.accepts(self.example, leaves)
 
 
 @dataclass
@@ -217,10 +225,19 @@ class TCPadeRuntime:
         block_prefixes: tuple[str, ...] | None = None,
         backend_options: dict | None = None,
         graph_source: Callable[[dict], GraphSet] | None = None,
+        dynamic_shapes: bool = True,
+        max_graph_sets: int = 4,
     ):
         """``graph_source``, when given, replaces capture + backend: it is called with the bound keyword
         arguments of each new input signature and returns the :class:`GraphSet` to step with (the exported
-        runners of :mod:`tcpade_fx.export` plug onnxruntime sessions or TensorRT engines in this way)."""
+        runners of :mod:`tcpade_fx.export` plug onnxruntime sessions or TensorRT engines in this way).
+
+        With ``dynamic_shapes`` the graphs are captured with symbolic batch and token axes where the model allows
+        (:mod:`tcpade_fx.passes.dynamic`): a new resolution or batch size the graphs accept reuses them, checked
+        once against the eager forward at its first call (two forwards, no capture). At most ``max_graph_sets``
+        graph sets are held; the least recently used is dropped (with a note) when another is captured."""
+        if not isinstance(max_graph_sets, int) or max_graph_sets < 1:
+            raise ValueError(f"max_graph_sets must be an int >= 1, got {max_graph_sets!r}")
         self.module = module
         self.policy = policy
         self.backend = get_backend(backend).require() if graph_source is None else None
@@ -228,8 +245,11 @@ class TCPadeRuntime:
         self.verify = verify
         self.block_prefixes = block_prefixes
         self.graph_source = graph_source
+        self.dynamic_shapes = dynamic_shapes and graph_source is None
+        self.max_graph_sets = max_graph_sets
         self.stats = TCPadeStats()
-        self._graph_sets: dict[Any, GraphSet] = {}
+        self._graph_sets: OrderedDict[Any, GraphSet] = OrderedDict()  # least recently used first
+        self._aliases: dict[Any, Any] = {}  # exact signature -> key of the graph set that runs it
         self._current_signature: Any = None
         self._num_steps: int | None = None
         self._driven = False
@@ -239,6 +259,7 @@ class TCPadeRuntime:
         # exported graphs carry their own weights: a model change cannot be followed, only refused
         self._fingerprint: ModelFingerprint | None = model_fingerprint(module) if graph_source else None
         self._model_checked = False
+        self.standing_notes: list[str] = []  # repeated in the stats of every trajectory (what the install left out)
         self.reset()
 
     # -- trajectory state ------------------------------------------------------------------------------------
@@ -270,8 +291,8 @@ class TCPadeRuntime:
         """
         self.reset()
         # notes taken since the last begin() with no call in between (a pipeline begins twice) carry over
-        carried = [] if self.stats.records else list(self.stats.notes)
-        self.stats = TCPadeStats(compiles=self.stats.compiles, notes=carried)
+        carried = [n for n in ([] if self.stats.records else self.stats.notes) if n not in self.standing_notes]
+        self.stats = TCPadeStats(compiles=self.stats.compiles, notes=[*self.standing_notes, *carried])
         self.follow_model()
         self._num_steps = num_steps
         if num_steps is not None and num_steps < self.policy.min_steps:
@@ -314,6 +335,7 @@ class TCPadeRuntime:
     def clear_graphs(self) -> None:
         """Drop every graph set (and every history): the next call captures again."""
         self._graph_sets.clear()
+        self._aliases.clear()
         self._current_signature = None
         self.reset()
 
@@ -325,7 +347,7 @@ class TCPadeRuntime:
     @property
     def graphs(self) -> GraphSet | None:
         """The graph set of the current input signature (None before the first call)."""
-        return self._graph_sets.get(self._current_signature)
+        return self._graph_sets.get(self._aliases.get(self._current_signature))
 
     @property
     def graph_sets(self) -> int:
@@ -352,10 +374,11 @@ class TCPadeRuntime:
         if self.graph_source is not None:
             return self.graph_source(kwargs)
         graphs = build_graphs(self.module, kwargs, forward=forward, block_prefixes=self.block_prefixes,
-                              verify=self.verify)
+                              verify=self.verify, dynamic=self.dynamic_shapes)
         self._fingerprint = model_fingerprint(self.module)
         self.stats.captures += 1
-        self.stats.notes.extend(graphs.notes)
+        shape_notes = graphs.shapes.notes if graphs.shapes is not None else []  # which axes are dynamic: see .shapes
+        self.stats.notes.extend(n for n in graphs.notes if n not in shape_notes)
         compile_graph, options = self.backend.compile_graph, self.backend_options
         return GraphSet(
             plan=graphs.plan,
@@ -365,7 +388,52 @@ class TCPadeRuntime:
             out_spec=graphs.out_spec,
             timestep_position=graphs.timestep_position,
             first_outputs=(*graphs.outputs, graphs.residual) if graphs.outputs is not None else None,
+            shapes=graphs.shapes if graphs.shapes is not None and graphs.shapes.dims else None,
+            example=[leaf_layout(x) for x in graphs.leaves],
         )
+
+    def _graph_set_for(self, signature, leaves: list, kwargs: dict, forward: Callable | None) -> tuple[GraphSet, bool]:
+        """The graph set that runs ``signature`` (most recently used now), and whether it was captured for it."""
+        key = self._aliases.get(signature)
+        if key is None:
+            key = next((k for k, g in self._graph_sets.items() if g.accepts(leaves)), None)
+            if key is not None and not self._verify_new_shape(self._graph_sets[key], signature, leaves, kwargs,
+                                                               forward):
+                key = None
+        captured = key is None
+        if captured:
+            key = signature
+            self._graph_sets[key] = self._build(kwargs, forward)
+            self._graph_sets[key].verified.add(signature)
+            while len(self._graph_sets) > self.max_graph_sets:
+                old, _ = self._graph_sets.popitem(last=False)
+                self._aliases = {s: k for s, k in self._aliases.items() if k != old}
+                self.stats.notes.append(f"graph set of an earlier input signature dropped (least recently used; "
+                                        f"max_graph_sets={self.max_graph_sets})")
+        self._aliases[signature] = key
+        self._graph_sets.move_to_end(key)
+        return self._graph_sets[key], captured
+
+    def _verify_new_shape(self, graphs: GraphSet, signature, leaves: list, kwargs: dict, forward) -> bool:
+        """Check dynamic-shape graphs at a size they were not captured at (one eager forward, one compute graph;
+        its outputs serve the call). False, with a note, where they do not reproduce it: capture for it instead."""
+        if signature in graphs.verified or not self.verify:
+            return True
+        run = forward if forward is not None else type(self.module).forward.__get__(self.module)
+        try:
+            with torch.no_grad():
+                reference = [t for t in pytree.tree_leaves(run(**kwargs)) if isinstance(t, torch.Tensor)]
+                checked = check_rewrite(reference, graphs.compute, graphs.predict, leaves, graphs.plan, exact=False)
+        except VerificationError as exc:
+            self.stats.notes.append(f"the dynamic-shape graphs do not reproduce a new input shape ({exc}): "
+                                    "captured for it instead")
+            return False
+        if checked.compute_difference:
+            self.stats.notes.append(f"dynamic-shape graphs at a new input shape differ from the eager forward by "
+                                    f"{checked.compute_difference:.1e} (relative), within the verification tolerance")
+        graphs.verified.add(signature)
+        graphs.first_outputs = (*checked.outputs, checked.residual)
+        return True
 
     def _count_compile(self, name: str) -> None:
         self.stats.compiles[name] = self.stats.compiles.get(name, 0) + 1
@@ -384,15 +452,11 @@ class TCPadeRuntime:
         if (not self._driven and isinstance(timestep, torch.Tensor) and self._last_time is not None
                 and float(timestep.reshape(-1)[0]) > self._last_time):
             self.follow_model()  # a bare transformer's new trajectory: where begin() would have checked
-        current = self._graph_sets.get(self._current_signature)
+        current = self.graphs
         leaves, spec = flatten_call((), kwargs, current.in_spec if current else None)
         signature = self._signature_of(leaves, spec)
-        captured = False
-        if signature not in self._graph_sets:
-            self._graph_sets[signature] = self._build(kwargs, forward)
-            captured = True
+        graphs, captured = self._graph_set_for(signature, leaves, kwargs, forward)
         self._current_signature = signature
-        graphs = self._graph_sets[signature]
         timestep = leaves[graphs.timestep_position]
         time = float(timestep.reshape(-1)[0])
         branch = self._advance(time, context)

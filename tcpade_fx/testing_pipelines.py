@@ -79,8 +79,9 @@ def tiny_flux_pipeline(seed: int = 0, true_cfg_scale: float = 1.0) -> TinyPipeli
     return pipe, kw
 
 
-def tiny_wan_pipeline(seed: int = 0, guidance_scale: float = 5.0) -> TinyPipelineCase:
-    """WanPipeline (video): classifier-free guidance as two separate transformer calls per step."""
+def tiny_wan_pipeline(seed: int = 0, guidance_scale: float = 5.0, two_experts: bool = False) -> TinyPipelineCase:
+    """WanPipeline (video): classifier-free guidance as two separate transformer calls per step. With
+    ``two_experts`` (Wan 2.2) ``transformer`` denoises the high-noise half and ``transformer_2`` the rest."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 
     torch.manual_seed(seed)
@@ -93,6 +94,7 @@ def tiny_wan_pipeline(seed: int = 0, guidance_scale: float = 5.0) -> TinyPipelin
     pipe = WanPipeline(
         tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer,
+        **(dict(transformer_2=tiny_wan_transformer(), boundary_ratio=0.5) if two_experts else {}),
     )
     pipe.set_progress_bar_config(disable=True)
     g = _gen(seed + 1)

@@ -135,7 +135,7 @@ def test_other_diffusers_hooks_compose_in_either_order():
         assert torch.equal(module(**kwargs)[0], 2.0 * shifted)
 
 
-def _guided_loop(module, kwargs, order: tuple[str, str], steps: int = 8) -> dict[str, list[torch.Tensor]]:
+def _guided_loop(module, kwargs, order: tuple[str, str], steps: int = 10) -> dict[str, list[torch.Tensor]]:
     """Two named branches per step (their inputs differ), called in ``order`` under cache_context."""
     x = kwargs["hidden_states"]
     rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "timestep")}
@@ -180,3 +180,21 @@ def test_first_call_does_two_forwards_of_model_work(family):
     # one reference run of the original and the verified compute graph, whose output serves the call
     assert first.calls <= 2.5 * plain.calls and second.calls == plain.calls
     assert torch.equal(out, reference)
+
+
+def test_a_compiled_pipeline_refuses_pickle_and_deepcopy_with_what_to_do():
+    import copy
+    import pickle
+
+    pipe, kwargs = tiny_flux_pipeline()
+    tcpade_fx.compile(pipe, "balanced")
+    run(pipe, kwargs)
+    for attempt in (lambda: pickle.dumps(pipe), lambda: copy.deepcopy(pipe), lambda: pickle.dumps(pipe.transformer),
+                    lambda: copy.deepcopy(pipe.transformer)):
+        with pytest.raises(TypeError, match="cannot be pickled or deep-copied.*tcpade_fx.disable"):
+            attempt()
+    tcpade_fx.disable(pipe)
+    clone = copy.deepcopy(pipe)  # disabled: copies, and the copy compiles and samples
+    pickle.loads(pickle.dumps(pipe.transformer))
+    tcpade_fx.compile(clone, "balanced")
+    assert torch.isfinite(run(clone, kwargs)).all() and clone.tcpade.stats.predicted > 0

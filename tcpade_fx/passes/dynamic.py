@@ -50,6 +50,16 @@ BATCH_RANGE = (1, 4096)
 TOKEN_MIN = 1
 
 
+def leaf_layout(leaf) -> tuple:
+    """What a call leaf is, without its values: ("T", shape, dtype, device) for a tensor, ("V", repr) otherwise
+    (a layout passes through unchanged)."""
+    if isinstance(leaf, tuple) and leaf and leaf[0] in ("T", "V"):
+        return leaf
+    if isinstance(leaf, torch.Tensor):
+        return ("T", tuple(leaf.shape), leaf.dtype, leaf.device)
+    return ("V", repr(leaf))
+
+
 @dataclass
 class ShapePlan:
     """Which axes of a capture are dynamic, and why the others are static."""
@@ -73,6 +83,33 @@ class ShapePlan:
     def export_dims(self) -> dict:
         """Fresh ``torch.export.Dim`` objects for the dynamic dimensions (name -> Dim)."""
         return {name: torch.export.Dim(name, min=d["min"], max=d["max"]) for name, d in self.dims.items()}
+
+    def accepts(self, example: list, leaves: list) -> bool:
+        """Whether a graph captured on ``example`` leaves runs ``leaves``: the same constants, tensor dtypes,
+        devices and ranks, the example's size on every static axis, and on the dynamic axes sizes within their
+        dimension's range, equal wherever they share a dimension. ``example`` may hold :func:`leaf_layout`s."""
+        if len(example) != len(leaves):
+            return False
+        sizes: dict[str, int] = {}
+        for i, (want, got) in enumerate(zip(example, leaves)):
+            want, got = leaf_layout(want), leaf_layout(got)
+            if want[0] != got[0] or (want[0] == "V" and want != got):
+                return False  # a tensor for a constant, or another constant
+            if want[0] == "V":
+                continue
+            if want[2:] != got[2:] or len(want[1]) != len(got[1]):
+                return False  # dtype, device or rank
+            dynamic = self.dynamic_axes.get(i, {})
+            for axis, (w, g) in enumerate(zip(want[1], got[1])):
+                name = dynamic.get(axis)
+                if name is None:
+                    if w != g:
+                        return False
+                    continue
+                lo, hi = self.dims[name]["min"], self.dims[name]["max"]
+                if g < lo or (hi is not None and g > hi) or sizes.setdefault(name, g) != g:
+                    return False
+        return True
 
     def dynamic_shapes(self, dims: dict, tensor_positions: list[int], residual: bool = False) -> tuple | None:
         """``dynamic_shapes`` for a tensor-only wrapper of a graph: one entry per tensor leaf (``tensor_positions``),
