@@ -5,7 +5,8 @@
 Each step draws fresh clips (random seeds, random classes) from :class:`tcpade_fx.models.wan.MovingDigits`, a
 logit-normal noise level per clip, time-shifted by --sigma-shift (Wan's flow shift; the bundled scheduler samples
 with the same shift), and drops 10 % of the labels to the null class for classifier-free guidance; AdamW with a
-linear warm-up, gradient clipping at 1, EMA 0.999 (as examples/train_mnist.py).
+linear warm-up (and, with --decay-from-minutes, a cosine decay over the rest of the time budget), gradient clipping
+at 1, EMA 0.999 (as examples/train_mnist.py).
 
 Checkpoints go to runs/wan/ckpt.pt every few minutes (rerun the same command to resume, with a larger --minutes to
 train on); the loss log is appended to runs/wan/training_log.csv as it goes (rewritten from the checkpoint on
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import math
 import os
 import time
 from pathlib import Path
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="clips per step")
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--decay-from-minutes", type=float, default=None,
+                    help="from this much training time on, cosine-decay the learning rate to 2 %% of --lr at --minutes")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--sigma-shift", type=float, default=3.0,
                     help="train on shift(σ) with σ logit-normal, and sample with the same scheduler shift (Wan's "
@@ -142,6 +146,10 @@ def main() -> None:
         pred = wan.velocity_wan(modules["transformer"], modules["class_encoder"], x_t, sigma, y)
         loss = torch.nn.functional.mse_loss(pred, noise - x0)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        if args.decay_from_minutes is not None and elapsed > args.decay_from_minutes * 60:
+            start = args.decay_from_minutes * 60
+            frac = min(1.0, (elapsed - start) / max(budget - start, 1.0))
+            lr = args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)

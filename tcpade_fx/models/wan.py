@@ -41,9 +41,9 @@ from .mnist import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, ClassTokenEncoder, load_
 NUM_FRAMES = 8
 PATCH = (1, 4, 4)
 #: the digit's content (MNIST's 20×20 box) is scaled by a per-clip factor in this range
-SCALE_RANGE = (0.6, 0.8)
+SCALE_RANGE = (0.7, 0.9)
 #: speed in pixels per frame (direction uniform)
-SPEED_RANGE = (1.0, 2.5)
+SPEED_RANGE = (0.5, 1.5)
 CONTENT_BOX = 20.0  # MNIST digits are normalised into a 20×20 box centred in the 28×28 frame
 
 
