@@ -128,9 +128,9 @@ def test_a_shape_change_mid_run_recaptures_and_never_mixes_histories():
         call(module, kwargs, t)
     after = [call(module, kwargs, t, **small) for t in ts[10:]]
     stats = runtime.stats
-    assert any("input signature changed at call 10 (step 10, branch 0)" in n and "re-captured" in n
+    assert any("input signature changed at call 10 (step 10, branch 0)" in n
                and "its history reset" in n for n in stats.notes), stats.notes
-    assert stats.captures == 2
+    assert stats.captures == 1  # the batch axis is dynamic: the same graphs run batch 1, checked once
     assert all(r.shape[0] == 1 for b in runtime.branches.values() for r in b.residuals)
     # the trajectory goes on: steps keep counting, the stages and the forced last step stay where they were
     assert [r.step for r in stats.records] == list(range(STEPS))
@@ -160,7 +160,7 @@ def test_cfg_branches_of_different_shapes_keep_their_own_histories():
         call(module, kwargs, t, **small)
     stats = runtime.stats
     assert not any("input signature changed" in n for n in stats.notes), stats.notes
-    assert stats.captures == 2
+    assert stats.captures == 1 and runtime.graph_sets == 1  # one graph set with a dynamic batch runs both
     assert [b.residuals[-1].shape[0] for _, b in sorted(runtime.branches.items())] == [2, 1]
     for branch in (0, 1):
         records = [r for r in stats.records if r.branch == branch]

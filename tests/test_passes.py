@@ -254,6 +254,7 @@ def test_verify_rejects_graphs_that_fail_or_differ():
 
 
 def test_runtime_refuses_a_wrong_plan_before_installing_anything(monkeypatch):
+    import tcpade_fx.passes.dynamic as dynamic
     import tcpade_fx.passes.pipeline as pipeline
 
     module, kwargs = TINY_TRANSFORMERS["dit"]()
@@ -265,6 +266,7 @@ def test_runtime_refuses_a_wrong_plan_before_installing_anything(monkeypatch):
         return dataclasses.replace(c.plan, body_input=_timestep_embedding_node(c).name)
 
     monkeypatch.setattr(pipeline, "locate_block_stack", wrong_locate)
+    monkeypatch.setattr(dynamic, "locate_block_stack", wrong_locate)  # the dynamic-shape capture locates too
     tcpade_fx.compile(module, "balanced")
     with pytest.raises(VerificationError):
         module(**kwargs)
