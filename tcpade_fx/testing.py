@@ -181,3 +181,18 @@ class AttentionCounter:
     def __exit__(self, *exc) -> bool:
         self._mode.__exit__(*exc)
         return False
+
+
+def drive_controller(policy, steps: int, error: float):
+    """A :class:`~tcpade_fx.controller.StepController` run over ``steps`` evenly spaced times, every checked error
+    ``error`` (the first computed step has none): what its decisions are with no model behind it."""
+    from .controller import StepController
+
+    ctl = StepController(policy, steps)
+    for i in range(steps):
+        t = 1.0 - i / steps
+        if ctl.decide(i, t).compute:
+            ctl.record_compute(i, t, error if ctl.computed else None, None)
+        else:
+            ctl.record_predict()
+    return ctl

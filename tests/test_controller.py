@@ -426,14 +426,10 @@ def test_planned_gaps_never_shrink_when_max_skip_does_not_bind(policy, times, ex
 @FAST
 @given(steps=st.integers(1, 30), name=st.sampled_from(["quality", "balanced", "fast"]), error=st.floats(0.0, 10.0))
 def test_few_steps_are_computed_in_full_unless_the_policy_lowers_min_steps(steps, name, error):
+    from tcpade_fx.testing import drive_controller
+
     def computed(policy):
-        ctl = StepController(policy, steps)
-        for i in range(steps):
-            t = 1.0 - i / steps
-            if ctl.decide(i, t).compute:
-                ctl.record_compute(i, t, error if ctl.computed else None, None)
-            else:
-                ctl.record_predict()
+        ctl = drive_controller(policy, steps, error)
         return ctl.computed, ctl.decisions
 
     preset = Policy.preset(name)

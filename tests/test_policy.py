@@ -40,18 +40,11 @@ def test_presets_compute_what_their_aims_state_in_that_order(steps, error):
     """Each preset's controller over a trajectory whose checked errors are ``error``: it never computes more than
     ceil(aim * N) steps, spends exactly that once the errors are not negligible, and the names order quality above
     speed (full > quality > balanced > fast computed steps)."""
-    from tcpade_fx import StepController
+    from tcpade_fx.testing import drive_controller
 
     computed = {}
     for name in ("full",) + NAMED:
-        ctl = StepController(PRESETS[name], steps)
-        for i in range(steps):
-            t = 1.0 - i / steps
-            if ctl.decide(i, t).compute:
-                ctl.record_compute(i, t, error if ctl.computed else None, None)
-            else:
-                ctl.record_predict()
-        computed[name] = ctl.computed
+        computed[name] = drive_controller(PRESETS[name], steps, error).computed
         budget = math.ceil(PRESET_AIMS[name] * steps)
         assert computed[name] <= budget, (name, computed[name], budget)
         if error >= 0.2:
