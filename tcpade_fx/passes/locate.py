@@ -79,6 +79,72 @@ def _shape(node: torch.fx.Node):
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def _same_shape(a, b) -> bool:
+    """Shapes equal for every size the axes may take (symbolic sizes compared without adding guards)."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return all(x == y if isinstance(x, int) and isinstance(y, int) else statically_known_true(x == y)
+               for x, y in zip(a, b))
+
+
+def _is_tensor(node: torch.fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+#: Ops through which the body output may still be narrowed to the residual stream (a joint text+image sequence
+#: sliced back to its image tokens after the last block).
+_NARROWING = _PASS_THROUGH | {"slice", "narrow", "select", "getitem", "split", "split_with_sizes", "chunk",
+                              "unbind", "tensor_split"}
+_NARROWING = _NARROWING | {f"{n}_copy" for n in _NARROWING}  # functionalised graphs (the real-tensor route)
+
+
+def _block_lists(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
+    """The block ModuleLists the graph runs, ``(name, number of blocks run)``, in the order they start: those of
+    the known families and any other found by :func:`discover_block_prefixes`."""
+    names = set(discover_block_prefixes(gm))
+    pattern = _block_pattern(KNOWN_BLOCK_PREFIXES + tuple(sorted(names)))
+    first: dict[str, int] = {}
+    blocks: dict[str, set[int]] = {}
+    for i, node in enumerate(gm.graph.nodes):
+        for m in (pattern.match(p) for p in _stack_paths(node)):
+            if m:
+                first.setdefault(m.group(1), i)
+                blocks.setdefault(m.group(1), set()).add(int(m.group(2)))
+    return [(name, len(blocks[name])) for name in sorted(first, key=first.get)]
+
+
+def _depends_on(nodes: list[torch.fx.Node], source: torch.fx.Node) -> set[torch.fx.Node]:
+    """The nodes of ``nodes`` (in graph order) that read ``source``, directly or through each other."""
+    reached: set[torch.fx.Node] = set()
+    for node in nodes:
+        if any(a is source or a in reached for a in node.all_input_nodes):
+            reached.add(node)
+    return reached
+
+
+def _crossing(body: set[torch.fx.Node], order: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The body's nodes (in graph order) read outside it."""
+    return [n for n in order if n in body and any(u not in body for u in n.users)]
+
+
+def _narrowing_chain(out: torch.fx.Node, limit: int = 8) -> list[torch.fx.Node]:
+    """``out`` and the ops after it that only narrow or reshape it (each the single live user of the previous):
+    where the tail reads the residual stream from the body output."""
+    chain = [out]
+    for _ in range(limit):
+        users = list(chain[-1].users)
+        if len(users) != 1:
+            break
+        user = users[0]
+        inputs = [a for a in user.all_input_nodes if a.op != "get_attr" and _is_tensor(a)]  # sizes aside
+        if user.op != "call_function" or _target_name(user) not in _NARROWING or inputs != [chain[-1]]:
+            break
+        chain.append(user)
+    return chain
+
+
 def locate_block_stack(gm: torch.fx.GraphModule, prefixes: tuple[str, ...] | None = None) -> BlockStackPlan:
     """Find the block stack of a captured DiT-family graph.
 
@@ -88,60 +154,119 @@ def locate_block_stack(gm: torch.fx.GraphModule, prefixes: tuple[str, ...] | Non
     in the head). Its one output crossing to the tail is the body output; the residual input is the body input of
     the same shape produced (through views and casts) by the patch embedder.
 
+    Beyond the five families (``prefixes`` not given): every block ModuleList the graph runs is found (those named
+    in :data:`KNOWN_BLOCK_PREFIXES` and those :func:`discover_block_prefixes` finds), and each run of consecutive
+    ones is tried as the stack: the plan whose body holds the most blocks wins (the later stack on a tie), so
+    context/refiner blocks before the main stack join it where the result is one residual stack and are left in
+    the head where they are not. Within a span, long skip connections (a block's output also read by a later
+    block, HunyuanDiT's U-shaped skips) stay inside the body; where ops of the span that do not depend on the
+    residual input are also read after it (a conditioning tensor the tail shares), they move to the head; where
+    the tail only narrows the body output (a joint text+image sequence sliced back to its image tokens), the
+    narrowing joins the body.
+
     Raises:
         UnsupportedModelError: no block ModuleList was found, or the body has no single hidden-state output or
             no identifiable residual input; the message says what was looked for.
     """
-    prefixes = tuple(prefixes or KNOWN_BLOCK_PREFIXES)
+    if prefixes:
+        return _locate(gm, tuple(prefixes))
+    lists = _block_lists(gm)
+    if not lists:
+        raise UnsupportedModelError(
+            f"no transformer-block stack found: looked for ops inside modules named {list(KNOWN_BLOCK_PREFIXES)}"
+            ".<index> (and any ModuleList with two or more entries that have submodules). Pass "
+            "block_prefixes=(...) naming your model's block ModuleList(s)."
+        )
+    runs = [tuple(name for name, _ in lists[i:j]) for i in range(len(lists)) for j in range(len(lists), i, -1)]
+    plans, errors = [], []
+    for k, run in enumerate(runs):
+        try:
+            plan = _locate(gm, run)
+        except UnsupportedModelError as exc:
+            errors.append((run, exc))
+            continue
+        plans.append((plan.num_blocks, k == 0, max(map([n for n, _ in lists].index, run)), plan))
+    if plans:
+        return max(plans, key=lambda p: p[:3])[3]
+    if len(runs) == 1:
+        raise errors[0][1]
+    tried = "; ".join(f"{list(run)}: {exc}" for run, exc in errors)
+    raise UnsupportedModelError(
+        f"no run of the block ModuleLists {[n for n, _ in lists]} is one residual stack ({tried}). Pass "
+        "block_prefixes=(...) naming the block ModuleList(s) to cache."
+    )
+
+
+def _locate(gm: torch.fx.GraphModule, prefixes: tuple[str, ...]) -> BlockStackPlan:
     pattern = _block_pattern(prefixes)
     nodes = list(gm.graph.nodes)
-    block_ids: set[tuple[str, int]] = set()
+    block_of: dict[torch.fx.Node, set[tuple[str, int]]] = {}
     in_block = []
     for i, node in enumerate(nodes):
         hits = [m for m in (pattern.match(p) for p in _stack_paths(node)) if m]
         if hits:
             in_block.append(i)
-            block_ids.update((m.group(1), int(m.group(2))) for m in hits)
+            block_of[node] = {(m.group(1), int(m.group(2))) for m in hits}
     if not in_block:
-        found = discover_block_prefixes(gm)
-        if found and tuple(found) != prefixes and not set(found) <= set(prefixes):
-            return locate_block_stack(gm, tuple(found))
         raise UnsupportedModelError(
             f"no transformer-block stack found: looked for ops inside modules named {list(prefixes)}.<index> "
             "(and any ModuleList with two or more entries that have submodules). Pass block_prefixes=(...) "
             "naming your model's block ModuleList(s)."
         )
     first, last = in_block[0], in_block[-1]
-    block_set = {nodes[i] for i in in_block}
-    body: set[torch.fx.Node] = set()
-    for node in nodes[first:last + 1]:
-        if node in block_set or any(a in body for a in node.all_input_nodes):
-            body.add(node)
-    outputs = [n for n in body if any(u not in body for u in n.users)]
-    if len(outputs) != 1:
-        raise UnsupportedModelError(
-            f"the block stack ({', '.join(sorted({p for p, _ in block_ids}))}) has {len(outputs)} outputs used "
-            f"after it ({[n.name for n in outputs]}); tcpade_fx needs exactly one hidden-state output."
-        )
-    out = outputs[0]
-    out_shape = _shape(out)
-    candidates = []
-    for node in body:
-        for a in node.all_input_nodes:
-            if a not in body and a.op != "get_attr" and _shape(a) == out_shape and a not in candidates:
-                candidates.append(a)
-    from_embedder = [a for a in candidates if _comes_from_embedder(a)]
-    chosen = from_embedder if from_embedder else candidates
+    span = nodes[first:last + 1]
+    body0: set[torch.fx.Node] = set()
+    for node in span:
+        if node in block_of or any(a in body0 for a in node.all_input_nodes):
+            body0.add(node)
+    inputs: list[torch.fx.Node] = []
+    for node in span:
+        if node in body0:
+            for a in node.all_input_nodes:
+                if a not in body0 and a.op != "get_attr" and _shape(a) is not None and a not in inputs:
+                    inputs.append(a)
+
+    def plan_for(h_in: torch.fx.Node):
+        """(body, output) with ``h_in`` as the residual input, or None. The span's body first; if that does not
+        have one output of ``h_in``'s shape, the ops of it that do not depend on ``h_in`` move to the head."""
+        tried = []
+        for body in (body0, _depends_on(span, h_in)):
+            if not body or body in tried or not any(h_in in n.all_input_nodes for n in body):
+                continue
+            tried.append(body)
+            crossing = _crossing(body, span)
+            if len(crossing) != 1:
+                continue
+            chain = _narrowing_chain(crossing[0])
+            for k, node in enumerate(chain):
+                if _same_shape(_shape(node), _shape(h_in)):
+                    return body | set(chain[1:k + 1]), node
+        return None
+
+    found = [(a, plan) for a in inputs for plan in [plan_for(a)] if plan is not None]
+    from_embedder = [f for f in found if _comes_from_embedder(f[0])]
+    chosen = from_embedder if from_embedder else found
     if len(chosen) != 1:
+        crossing = _crossing(body0, span)
+        names = sorted({p for ids in block_of.values() for p, _ in ids})
+        if not found and len(crossing) != 1:
+            raise UnsupportedModelError(
+                f"the block stack ({', '.join(names)}) has {len(crossing)} outputs used after it "
+                f"({[n.name for n in crossing]}); tcpade_fx needs exactly one hidden-state output."
+            )
+        shape = _shape(crossing[0]) if len(crossing) == 1 else None
+        candidates = [a for a, _ in found] or [a for a in inputs if _same_shape(_shape(a), shape)]
         raise UnsupportedModelError(
             f"cannot tell the block stack's residual input: {len(candidates)} body inputs have the output's shape "
-            f"{out_shape} ({[a.name for a in candidates]}), {len(from_embedder)} of them come from a patch embedder "
+            f"{shape} ({[a.name for a in candidates]}), {len(from_embedder)} of them come from a patch embedder "
             f"({list(PATCH_EMBEDDERS)})."
         )
+    h_in, (body, out) = chosen[0]
+    blocks = {b for n in body if n in block_of for b in block_of[n]}
     return BlockStackPlan(
-        prefixes=tuple(sorted({p for p, _ in block_ids})),
-        num_blocks=len(block_ids),
+        prefixes=tuple(sorted({p for p, _ in blocks})),
+        num_blocks=len(blocks),
         body_nodes=frozenset(n.name for n in body),
-        body_input=chosen[0].name,
+        body_input=h_in.name,
         body_output=out.name,
     )
