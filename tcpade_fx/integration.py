@@ -21,6 +21,7 @@ starts a trajectory (:meth:`TCPadeRuntime.begin` with the scheduler's grid) and 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from typing import TypeVar
@@ -167,30 +168,20 @@ class TCPadeHook(ModelHook):
         return module
 
 
+@contextlib.contextmanager
 def _accelerate_outside(module: torch.nn.Module):
     """Take accelerate's module-level hook off ``module`` for the block, then put the same hook back on top."""
     hook = getattr(module, "_hf_hook", None)
     if hook is None:
-        return _NoAccelerate()
+        yield
+        return
     from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 
-    class _Reattach:
-        def __enter__(self):
-            remove_hook_from_module(module)
-
-        def __exit__(self, *exc):
-            add_hook_to_module(module, hook)
-            return False
-
-    return _Reattach()
-
-
-class _NoAccelerate:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    remove_hook_from_module(module)
+    try:
+        yield
+    finally:
+        add_hook_to_module(module, hook)
 
 
 def _time_grids(scheduler) -> list[list[float]]:

@@ -39,6 +39,7 @@ from .controller import StepController
 from .pade import all_finite, extrapolate_stacked, fit_modulation, relative_error, stack_history
 from .model_state import ModelFingerprint, model_fingerprint
 from .passes import BlockStackPlan, ShapePlan, VerificationError, bind_call, build_graphs, check_rewrite, flatten_call
+from .passes.verify import eager_outputs
 from .passes.dynamic import leaf_layout
 from .policy import Policy
 
@@ -419,10 +420,9 @@ class TCPadeRuntime:
         its outputs serve the call). False, with a note, where they do not reproduce it: capture for it instead."""
         if signature in graphs.verified or not self.verify:
             return True
-        run = forward if forward is not None else type(self.module).forward.__get__(self.module)
         try:
+            reference = eager_outputs(self.module, kwargs, forward)
             with torch.no_grad():
-                reference = [t for t in pytree.tree_leaves(run(**kwargs)) if isinstance(t, torch.Tensor)]
                 checked = check_rewrite(reference, graphs.compute, graphs.predict, leaves, graphs.plan, exact=False)
         except VerificationError as exc:
             self.stats.notes.append(f"the dynamic-shape graphs do not reproduce a new input shape ({exc}): "

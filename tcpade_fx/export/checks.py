@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
-from ..passes.verify import relative_difference
+from ..passes.verify import eager_outputs, relative_difference
 
 
 def reference_outputs(module: torch.nn.Module, leaves: list, in_spec) -> list[torch.Tensor]:
     """The transformer's own tensor outputs for a call given as flattened ``leaves`` (its class forward)."""
     _, kwargs = pytree.tree_unflatten(list(leaves), in_spec)
-    with torch.no_grad():
-        return [t for t in pytree.tree_leaves(type(module).forward(module, **kwargs)) if isinstance(t, torch.Tensor)]
+    return eager_outputs(module, kwargs)
 
 
 def graph_errors(ref: list[torch.Tensor], outs: list[torch.Tensor], pred: list[torch.Tensor]) -> dict[str, float]:

@@ -20,7 +20,7 @@ from .capture import capture_graph, flatten_call, leaf_index, leaf_names
 from .dynamic import ShapePlan, capture_dynamic
 from .locate import BlockStackPlan, locate_block_stack
 from .rewrite import build_compute_graph, build_predict_graph
-from .verify import VerificationError, check_rewrite
+from .verify import VerificationError, check_rewrite, eager_outputs
 
 
 @dataclass
@@ -112,9 +112,7 @@ def build_graphs(
     )
     if verify:
         _, call_kwargs = pytree.tree_unflatten(list(leaves), captured.in_spec)
-        with torch.no_grad():
-            run = forward if forward is not None else type(module).forward.__get__(module)
-            reference = [t for t in pytree.tree_leaves(run(**call_kwargs)) if isinstance(t, torch.Tensor)]
+        reference = eager_outputs(module, call_kwargs, forward)
         checked = check_rewrite(reference, compute, predict, leaves, plan, exact=False)
         if checked.compute_difference:
             graphs.notes.append(

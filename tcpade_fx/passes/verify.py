@@ -33,6 +33,16 @@ def _run(what: str, gm: Callable, leaves: Sequence[Any], plan: BlockStackPlan | 
         raise VerificationError(f"{what} fails on the captured inputs{where}: {type(exc).__name__}: {exc}") from exc
 
 
+def eager_outputs(module: torch.nn.Module, kwargs: dict, forward: Callable | None = None) -> list[torch.Tensor]:
+    """The tensor outputs of one eager call of ``forward`` (default: the class's own forward of ``module``), the
+    reference every verification compares against."""
+    from torch.utils import _pytree as pytree
+
+    run = forward if forward is not None else type(module).forward.__get__(module)
+    with torch.no_grad():
+        return [t for t in pytree.tree_leaves(run(**kwargs)) if isinstance(t, torch.Tensor)]
+
+
 def _finite_reference(original: torch.fx.GraphModule, leaves: Sequence[Any]) -> list[torch.Tensor]:
     ref = _tensors(original(*leaves))
     if not all(bool(torch.isfinite(r).all()) for r in ref if r.is_floating_point()):
