@@ -38,7 +38,8 @@ from .backends import get_backend
 from .controller import StepController
 from .pade import all_finite, extrapolate_stacked, fit_modulation, relative_error, stack_history
 from .model_state import ModelFingerprint, model_fingerprint
-from .passes import BlockStackPlan, ShapePlan, VerificationError, bind_call, build_graphs, check_rewrite, flatten_call
+from .passes import (BlockStackPlan, ShapePlan, VerificationError, bind_call, build_graphs, check_rewrite, flatten_call,
+                     time_argument)
 from .passes.verify import eager_outputs
 from .passes.dynamic import leaf_layout
 from .policy import Policy
@@ -141,6 +142,7 @@ class GraphSet:
     shapes: ShapePlan | None = None  # dynamic axes: the graphs also run other sizes along them
     example: list | None = None  # the example leaves' layouts (passes.dynamic.leaf_layout), for ``accepts``
     verified: set = field(default_factory=set)  # exact signatures already checked against the eager forward
+    capture_route: str = "torch.export"  # how the graphs were captured (passes.pipeline.Graphs.capture_route)
 
     def accepts(self, leaves: list) -> bool:
         return self.shapes is not None and self.example is not None and self.shapes.accepts(self.example, leaves)
@@ -391,6 +393,7 @@ class TCPadeRuntime:
             first_outputs=(*graphs.outputs, graphs.residual) if graphs.outputs is not None else None,
             shapes=graphs.shapes if graphs.shapes is not None and graphs.shapes.dims else None,
             example=[leaf_layout(x) for x in graphs.leaves],
+            capture_route=graphs.capture_route,
         )
 
     def _graph_set_for(self, signature, leaves: list, kwargs: dict, forward: Callable | None) -> tuple[GraphSet, bool]:
@@ -448,7 +451,7 @@ class TCPadeRuntime:
         name, which keys the branch's history."""
         kwargs = bind_call(self.module, args, kwargs)
         self._model_checked = False
-        timestep = kwargs.get("timestep")
+        timestep = kwargs.get(time_argument(kwargs) or "timestep")
         if (not self._driven and isinstance(timestep, torch.Tensor) and self._last_time is not None
                 and float(timestep.reshape(-1)[0]) > self._last_time):
             self.follow_model()  # a bare transformer's new trajectory: where begin() would have checked

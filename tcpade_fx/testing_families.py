@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .passes import CaptureError
 from .testing import TinyCase
 
 
@@ -464,5 +465,7 @@ TIME_SCALE: dict[str, float] = {name: 1000.0 for name in FAMILY_TRANSFORMERS}
 TIME_SCALE.update(lumina2=1.0, lumina_next=1.0, chroma=1.0, qwenimage=1.0, auraflow=1.0)
 
 #: Families tcpade_fx refuses, with the error type and a phrase of its message (tests check the refusal):
-#: HiDream's forward takes its time as ``timesteps``, not ``timestep``, and steps are identified by the model time.
-REFUSED: dict[str, tuple[type, str]] = {"hidream": (TypeError, "timestep")}
+#: HiDream (its model time is ``timesteps``, which is followed) routes tokens to its MoE experts in Python at
+#: inference (``moe_infer``: ``bincount().cpu().numpy()`` of the routing, a value that changes at every step), so
+#: no captured graph serves a run: refused, naming the function.
+REFUSED: dict[str, tuple[type, str]] = {"hidream": (CaptureError, "moe_infer")}

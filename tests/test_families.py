@@ -16,7 +16,7 @@ from torch import nn
 
 import tcpade_fx
 from tcpade_fx import Policy
-from tcpade_fx.passes import CaptureError, build_graphs, capture_graph, locate_block_stack
+from tcpade_fx.passes import CaptureError, build_graphs, capture_graph, locate_block_stack, time_argument
 from tcpade_fx.passes.capture import ValueChangedError
 from tcpade_fx.testing_families import FAMILY_TRANSFORMERS, REFUSED, TIME_SCALE, tiny_lumina2
 
@@ -50,10 +50,11 @@ TRACED = {"cogvideox", "omnigen"}
 def sample(module, kwargs: dict, steps: int, scale: float) -> list[torch.Tensor]:
     """A hand-written Euler loop over decreasing timesteps; the model outputs, one per step."""
     x, outs = kwargs["hidden_states"], []
+    time_name = time_argument(kwargs)  # HiDream's is `timesteps`
     for k in range(steps):
-        t = torch.full_like(kwargs["timestep"], scale * (1 - k / steps))
+        t = torch.full_like(kwargs[time_name], scale * (1 - k / steps))
         with torch.no_grad():
-            out = module(**dict(kwargs, hidden_states=x, timestep=t))[0]
+            out = module(**dict(kwargs, hidden_states=x, **{time_name: t}))[0]
         outs.append(out)
         x = x - out / steps
     return outs
@@ -167,6 +168,41 @@ def test_export_refused_families_are_traced_with_real_tensors(family):
     captured = capture_graph(module, (), kwargs)
     assert captured.route == "real-tensor trace"
     assert "torch.export refused" in captured.notes[0]
+
+
+def test_the_fallback_route_is_recorded_in_the_stats():
+    module, kwargs = FAMILY_TRANSFORMERS["omnigen"]()
+    tcpade_fx.compile(module, "full", dynamic_shapes=False)
+    with torch.no_grad():
+        module(**kwargs)
+    assert module.tcpade.graphs.capture_route == "real-tensor trace"
+    assert any("torch.export refused" in n for n in module.tcpade.stats.notes), module.tcpade.stats.notes
+    tcpade_fx.disable(module)
+
+
+class TimestepsStack(UShapedStack):
+    """Takes its model time as ``timesteps`` (HiDream's name)."""
+
+    def forward(self, hidden_states, timesteps):
+        return super().forward(hidden_states, timesteps)
+
+
+def test_a_model_time_named_timesteps_is_followed():
+    torch.manual_seed(0)
+    module = TimestepsStack().eval()
+    kwargs = dict(hidden_states=torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0)),
+                  timesteps=torch.full((2,), 1000.0))
+    reference = sample(module, kwargs, 3, 1000.0)
+    tcpade_fx.compile(module, "full")
+    assert all(torch.equal(g, r) for g, r in zip(sample(module, kwargs, 3, 1000.0), reference))
+    tcpade_fx.disable(module)
+    tcpade_fx.compile(module, "balanced")
+    module.tcpade.begin(12)
+    assert torch.isfinite(sample(module, kwargs, 12, 1000.0)[-1]).all()
+    assert module.tcpade.stats.predicted > 0
+    with pytest.raises(TypeError, match="timestep or timesteps"):
+        module(hidden_states=kwargs["hidden_states"], timesteps=1000.0)
+    tcpade_fx.disable(module)
 
 
 def test_without_the_fallback_an_export_refusal_names_the_module():

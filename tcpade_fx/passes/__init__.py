@@ -5,7 +5,8 @@
 Each pass is a function on GraphModules (or on a call, for the captures); none holds state.
 """
 
-from .capture import CaptureError, CapturedGraph, bind_call, capture_graph, flatten_call, leaf_names, strip_assertions
+from .capture import (TIME_ARGUMENTS, CaptureError, CapturedGraph, bind_call, capture_graph, flatten_call, leaf_names,
+                      strip_assertions, time_argument)
 from .dynamic import BATCH, ShapePlan, capture_dynamic
 from .locate import BlockStackPlan, UnsupportedModelError, locate_block_stack
 from .pipeline import Graphs, build_graphs, example_residual
@@ -28,8 +29,10 @@ __all__ = [
     "build_compute_graph",
     "build_graphs",
     "build_predict_graph",
+    "TIME_ARGUMENTS",
     "capture_dynamic",
     "capture_graph",
+    "time_argument",
     "check_rewrite",
     "example_residual",
     "flatten_call",

@@ -73,6 +73,18 @@ def flatten_call(args: tuple, kwargs: dict, in_spec: pytree.TreeSpec | None = No
     return pytree.tree_flatten((tuple(args), dict(kwargs)))
 
 
+#: The names a diffusers transformer's forward takes its model time under (HiDream's is ``timesteps``).
+TIME_ARGUMENTS = ("timestep", "timesteps")
+
+
+def time_argument(kwargs: dict) -> str | None:
+    """The keyword of ``kwargs`` that carries the model time as a tensor (one of :data:`TIME_ARGUMENTS`), or None."""
+    for name in TIME_ARGUMENTS:
+        if isinstance(kwargs.get(name), torch.Tensor):
+            return name
+    return None
+
+
 def leaf_index(kwargs: dict, name: str, in_spec: pytree.TreeSpec) -> int:
     """Position of the keyword argument ``name`` among the flattened leaves of a call with ``in_spec``."""
     marker = object()
@@ -347,7 +359,7 @@ def _mutates(node: torch.fx.Node) -> bool:
 
 
 #: The call's arguments that change at every step of a trajectory.
-_STEPPING = ("timestep", "hidden_states")
+_STEPPING = (*TIME_ARGUMENTS, "hidden_states")
 
 
 def _ancestors(node: torch.fx.Node) -> set:

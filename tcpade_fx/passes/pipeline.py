@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from .capture import capture_graph, flatten_call, leaf_index, leaf_names
+from .capture import TIME_ARGUMENTS, capture_graph, flatten_call, leaf_index, leaf_names, time_argument
 from .dynamic import ShapePlan, capture_dynamic
 from .locate import BlockStackPlan, locate_block_stack
 from .rewrite import build_compute_graph, build_predict_graph
@@ -42,7 +42,8 @@ class Graphs:
     outputs: list[Any] | None  # the compute graph's outputs on ``leaves`` (None when not verified)
     residual: torch.Tensor | None
     shapes: ShapePlan | None = None  # the dynamic axes (``dynamic=True``)
-    notes: list[str] = field(default_factory=list)
+    capture_route: str = "torch.export"  # or "real-tensor trace" when torch.export refused the forward
+    notes: list[str] = field(default_factory=list)  # the capture's and the verification's, for the stats
     verification: dict = field(default_factory=dict)
 
     @property
@@ -89,10 +90,13 @@ def build_graphs(
         TypeError: the call has no tensor ``timestep`` (steps are identified by the model time).
         CaptureError, UnsupportedModelError, VerificationError: from the passes, each saying what to do.
     """
-    if not isinstance(kwargs.get("timestep"), torch.Tensor):
+    time_name = time_argument(kwargs)
+    if time_name is None:
+        given = {k: type(v).__name__ for k, v in kwargs.items() if k in TIME_ARGUMENTS}
         raise TypeError(
-            f"{type(module).__name__} was called without a tensor `timestep`; tcpade_fx identifies steps by the "
-            "model time, so pass timestep=<tensor>"
+            f"{type(module).__name__} was called without its model time as a tensor (looked for keyword "
+            f"{' or '.join(TIME_ARGUMENTS)}; got {given or 'neither'}); tcpade_fx identifies steps by the model "
+            "time, so pass it as a tensor (e.g. timestep=torch.tensor([t]))"
         )
     kwargs = _distinct_tensors(kwargs)
     shapes = None
@@ -107,8 +111,9 @@ def build_graphs(
     compute, predict = build_compute_graph(gm, plan), build_predict_graph(gm, plan)
     graphs = Graphs(
         plan=plan, compute=compute, predict=predict, in_spec=captured.in_spec, out_spec=captured.out_spec,
-        leaves=list(leaves), timestep_position=leaf_index(kwargs, "timestep", captured.in_spec),
-        outputs=None, residual=None, shapes=shapes, notes=list(shapes.notes) if shapes else [],
+        leaves=list(leaves), timestep_position=leaf_index(kwargs, time_name, captured.in_spec),
+        outputs=None, residual=None, shapes=shapes, capture_route=captured.route,
+        notes=[*captured.notes, *(shapes.notes if shapes else [])],
     )
     if verify:
         _, call_kwargs = pytree.tree_unflatten(list(leaves), captured.in_spec)
