@@ -5,6 +5,7 @@ For mechanics only (capture, split, rewrite, runtime): random weights say nothin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -196,3 +197,220 @@ def drive_controller(policy, steps: int, error: float):
         else:
             ctl.record_predict()
     return ctl
+
+
+#: ops whose result is a Python value read off a tensor: on CUDA each one waits for the device (a host sync)
+_READ_OPS = ("aten::_local_scalar_dense", "aten::equal")
+
+
+@dataclass
+class HostTransfer:
+    """One read of a tensor's value into Python or one copy between host and device, seen while counting."""
+
+    kind: str  # "read" (item(), float(), bool(), tolist(), torch.equal), "to_host" or "to_device" (copies)
+    op: str  # the aten op or Tensor method
+    device: str  # the tensor's device type ("cpu", "cuda", ...); for "to_device" the destination's
+    call: int | None  # index into HostSyncCounter.calls, None outside a call of the watched modules
+    where: str = ""  # "file.py:line function" of the innermost caller outside torch (tcpade_fx's own first)
+
+
+@dataclass
+class CallSyncs:
+    """What one call of a watched module did: its kind and the transfers made inside it."""
+
+    module: str
+    kind: str  # "plain" (no tcpade runtime), "first" (captured its graphs), "computed" or "predicted"
+    reads: int = 0
+    to_host: int = 0
+    to_device: int = 0
+
+    @property
+    def syncs(self) -> int:
+        """Reads plus device-to-host copies: what blocks the host until the device is done."""
+        return self.reads + self.to_host
+
+
+class HostSyncCounter:
+    """Counts host syncs while active: every read of a tensor's value into Python (``aten._local_scalar_dense``,
+    which ``.item()``, ``float()``, ``int()``, ``bool()`` and ``if tensor:`` all reach; ``aten.equal``;
+    ``Tensor.tolist()``), every device-to-host copy, and (apart) every host-to-device copy and tensor built from
+    Python numbers (``torch.tensor``/``torch.as_tensor`` of floats: a blocking copy when it is bound for CUDA).
+    Ops on the fake tensors of a torch.export trace are not counted.
+
+    On a CPU-only run every read counts, as it would on the device it stands in for (``device`` says which
+    tensors were read). With ``modules`` (name -> module, e.g. the pipeline's transformer) each call of those
+    modules is recorded with its kind, read off the module's tcpade-fx runtime where it has one::
+
+        with count_host_syncs({"transformer": pipe.transformer}) as counter:
+            pipe(...)
+        counter.per_kind()      # {"first": [5], "computed": [5, 5, 5], "predicted": [2, 2, ...]}
+        counter.outside         # transfers between the calls (pipeline, scheduler, tcpade-fx's step hooks)
+
+    Runs eagerly only: under an active dispatch mode torch.compile'd code may run differently; count with the
+    eager backend (the runtime's Python around the graphs is the same for every backend).
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module] | None = None):
+        self.modules = dict(modules or {})
+        self.events: list[HostTransfer] = []
+        self.calls: list[CallSyncs] = []
+        self._current: int | None = None
+        self._depth = 0
+        self._before: tuple | None = None
+        self._handles: list = []
+        self._modes: list = []
+
+    # -- results ---------------------------------------------------------------------------------------------
+    @property
+    def syncs(self) -> int:
+        """Reads and device-to-host copies, inside and outside the watched calls."""
+        return sum(e.kind in ("read", "to_host") for e in self.events)
+
+    @property
+    def to_device(self) -> int:
+        """Host-to-device copies and tensors built from Python numbers."""
+        return sum(e.kind == "to_device" for e in self.events)
+
+    @property
+    def outside(self) -> int:
+        """Syncs outside the watched modules' calls."""
+        return sum(e.kind in ("read", "to_host") and e.call is None for e in self.events)
+
+    def per_kind(self) -> dict[str, list[int]]:
+        """Syncs of each watched call, grouped by the call's kind, in call order."""
+        out: dict[str, list[int]] = {}
+        for c in self.calls:
+            out.setdefault(c.kind, []).append(c.syncs)
+        return out
+
+    def ops(self, call: int | None | str = "all", *, where: bool = False) -> dict[str, int]:
+        """How many of each transferring op or method were seen (``call``: one call's index, None for outside the
+        calls, "all" for everything); with ``where``, keyed by the source line that made them too."""
+        out: dict[str, int] = {}
+        for e in self.events:
+            if call == "all" or e.call == call:
+                key = f"{e.kind}:{e.op}" + (f" @ {e.where}" if where else "")
+                out[key] = out.get(key, 0) + 1
+        return out
+
+    # -- counting --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _where() -> str:
+        import sys
+
+        frame, fallback = sys._getframe(2), ""
+        while frame is not None:
+            path = frame.f_code.co_filename.replace("\\", "/")
+            inside_torch = "/torch/" in path or path.endswith("/tcpade_fx/testing.py")
+            if not inside_torch:
+                text = f"{path.rsplit('/', 1)[-1]}:{frame.f_lineno} {frame.f_code.co_name}"
+                if "/tcpade_fx/" in path:
+                    return text
+                fallback = fallback or text
+            frame = frame.f_back
+        return fallback
+
+    def _add(self, kind: str, op: str, device: str) -> None:
+        self.events.append(HostTransfer(kind, op, device, self._current, self._where()))
+        if self._current is not None:
+            c = self.calls[self._current]
+            if kind == "read":
+                c.reads += 1
+            elif kind == "to_host":
+                c.to_host += 1
+            else:
+                c.to_device += 1
+
+    def _pre_hook(self, name: str):
+        def hook(mod, args, kwargs):
+            self._depth += 1
+            if self._depth > 1:  # a watched module called inside a watched call (a capture tracing it): same call
+                return None
+            stats = getattr(getattr(mod, "tcpade", None), "stats", None)
+            self._before = (stats, len(stats.records), stats.captures) if stats is not None else None
+            self.calls.append(CallSyncs(name, "plain"))
+            self._current = len(self.calls) - 1
+            return None
+
+        return hook
+
+    def _post_hook(self, mod, args, kwargs, output):
+        self._depth -= 1
+        if self._depth > 0:
+            return None
+        if self._before is not None:
+            stats, records, captures = self._before
+            new = stats.records[records:]
+            if stats.captures > captures:
+                kind = "first"
+            else:
+                kind = ("computed" if new[-1].computed else "predicted") if new else "plain"
+            self.calls[self._current].kind = kind
+        self._current = None
+        return None
+
+    def __enter__(self) -> "HostSyncCounter":
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        def real(x) -> bool:
+            return isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) and x.device.type != "meta"
+
+        class _Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func._schema.name
+                if name in _READ_OPS and args and real(args[0]):
+                    counter._add("read", name, args[0].device.type)
+                elif name == "aten::_to_copy" and args and real(args[0]) and "device" in kwargs:
+                    src, dst = args[0].device.type, torch.device(kwargs["device"]).type
+                    if src != "cpu" and dst == "cpu":
+                        counter._add("to_host", name, src)
+                    elif src == "cpu" and dst != "cpu":
+                        counter._add("to_device", name, dst)
+                elif name == "aten::copy_" and len(args) > 1 and real(args[0]) and real(args[1]):
+                    dst, src = args[0].device.type, args[1].device.type
+                    if src != "cpu" and dst == "cpu":
+                        counter._add("to_host", name, src)
+                    elif src == "cpu" and dst != "cpu":
+                        counter._add("to_device", name, dst)
+                return func(*args, **kwargs)
+
+        class _Function(TorchFunctionMode):
+            # what never reaches the dispatcher on a CPU tensor: tolist() and tensors built from Python data
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.Tensor.tolist and args and real(args[0]):
+                    counter._add("read", "Tensor.tolist", args[0].device.type)
+                elif func in (torch.tensor, torch.as_tensor) and args and not isinstance(args[0], torch.Tensor):
+                    device = kwargs.get("device")
+                    counter._add("to_device", f"torch.{func.__name__}(python data)",
+                                 torch.device(device).type if device is not None else "cpu")
+                return func(*args, **kwargs)
+
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post_hook, with_kwargs=True))
+        self._modes = [_Function(), _Dispatch()]
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._modes = [], []
+        return False
+
+
+def count_host_syncs(modules: dict[str, torch.nn.Module] | torch.nn.Module | None = None) -> HostSyncCounter:
+    """A :class:`HostSyncCounter` (use it as a context manager); ``modules``: a module (named "transformer") or
+    name -> module whose calls are recorded one by one."""
+    if isinstance(modules, torch.nn.Module):
+        modules = {"transformer": modules}
+    return HostSyncCounter(modules)
