@@ -36,3 +36,33 @@ def test_inductor_compiles_each_graph_once_over_a_mixed_50_step_trajectory():
     assert pipe.tcpade.stats.compute_fraction == 1.0
     assert pipe.tcpade.stats.compiles == {"compute": 1, "predict": 1}
     assert float((full - reference).norm() / reference.norm()) < 1e-4
+
+
+@pytest.mark.slow
+def test_inductor_serves_new_resolutions_without_a_compile_each():
+    """A dynamic-shape capture compiles at most twice per graph (the first shape static, then once with the
+    changed sizes symbolic), however many resolutions follow; "full" stays equal to the untouched pipeline."""
+    from tcpade_fx.testing_pipelines import output_of, tiny_flux_pipeline
+
+    pipe, kwargs = tiny_flux_pipeline()
+
+    def run(size, steps=10):
+        return output_of(pipe(**dict(kwargs, height=size, width=size), num_inference_steps=steps,
+                              generator=torch.Generator().manual_seed(0)))
+
+    sizes = (16, 32, 48, 24)
+    reference = {size: run(size) for size in sizes}
+    tcpade_fx.compile(pipe, policy="full", backend="inductor")
+    for size in sizes:
+        got = run(size)
+        assert float((got - reference[size]).norm() / reference[size].norm()) < 1e-4, size
+    assert pipe.tcpade.graph_sets == 1
+    assert pipe.tcpade.stats.compiles["compute"] == 2, pipe.tcpade.stats.summary()
+
+    pipe.tcpade.policy = Policy.preset("balanced")
+    for size in sizes[:3]:
+        out = run(size, steps=12)
+        assert torch.isfinite(out).all() and pipe.tcpade.stats.predicted > 0
+    assert pipe.tcpade.stats.compiles == {"compute": 2, "predict": 2}, pipe.tcpade.stats.summary()
+    assert pipe.tcpade.graph_sets == 1
+    tcpade_fx.disable(pipe)
