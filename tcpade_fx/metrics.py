@@ -1,4 +1,4 @@
-"""Image-quality metrics used by the demo and the benchmark (images in [-1, 1], shape (B, 1, H, W))."""
+"""Image-quality metrics used by the demo and the benchmarks (images in [-1, 1], shape (B, C, H, W))."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ def psnr(reference: torch.Tensor, images: torch.Tensor) -> float:
 
 
 def ssim(reference: torch.Tensor, images: torch.Tensor) -> float:
-    """Mean SSIM over the batch (scikit-image, data range 2)."""
+    """Mean SSIM over the batch (scikit-image, data range 2); images (B, C, H, W), channels averaged when C > 1."""
     from skimage.metrics import structural_similarity
 
     ref, img = reference.double().cpu().numpy(), images.double().cpu().numpy()
-    return float(np.mean([structural_similarity(r[0], i[0], data_range=2.0) for r, i in zip(ref, img)]))
+    if ref.shape[1] == 1:
+        return float(np.mean([structural_similarity(r[0], i[0], data_range=2.0) for r, i in zip(ref, img)]))
+    return float(np.mean([structural_similarity(r, i, data_range=2.0, channel_axis=0) for r, i in zip(ref, img)]))
 
 
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -31,8 +32,6 @@ def available() -> list[str]:
 
 def load(name: str = "mnist-dit", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load a bundled pipeline (EMA weights shipped in fp16, cast to ``dtype``)."""
-    import importlib
-
     if name not in MODELS:
         raise ValueError(f"unknown bundled model {name!r}; choose one of {sorted(MODELS)}")
     path = WEIGHTS_DIR / name
@@ -40,19 +39,35 @@ def load(name: str = "mnist-dit", dtype: torch.dtype = torch.float32, device: st
         raise FileNotFoundError(
             f"weights of {name!r} are missing at {path}; train them with `{_TRAIN[name]}`"
         )
+    with quiet_loading():
+        pipe = pipeline_class(MODELS[name]).from_pretrained(str(path), dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def pipeline_class(class_name: str) -> type:
+    """The class of a bundled pipeline by its class name (what a saved folder's ``model_index.json`` names)."""
+    import importlib
+
+    name = next((n for n, c in MODELS.items() if c == class_name), None)
+    if name is None:
+        raise ValueError(f"{class_name!r} is not a bundled pipeline class; they are {sorted(MODELS.values())}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), class_name)
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """diffusers' loading messages and progress bars off for the block, restored after it."""
     import diffusers.utils.logging as dlog
 
     verbosity = dlog.get_verbosity()
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     try:
-        module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-        pipe = getattr(module, MODELS[name]).from_pretrained(str(path), dtype=dtype)
+        yield
     finally:
         dlog.set_verbosity(verbosity)
         dlog.enable_progress_bar()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
-__all__ = ["MODELS", "available", "load"]
+__all__ = ["MODELS", "available", "load", "pipeline_class", "quiet_loading"]
