@@ -139,6 +139,19 @@ class UShapedStack(nn.Module):
         return (self.proj_out(h),)
 
 
+def assert_full_exact_and_balanced_caches(module, kwargs, scale: float = 1000.0) -> None:
+    """"full" over 3 steps equals the uncompiled module; "balanced" over 12 predicts some steps, finite. Leaves the
+    module compiled with "balanced"."""
+    reference = sample(module, kwargs, 3, scale)
+    tcpade_fx.compile(module, "full")
+    assert all(torch.equal(g, r) for g, r in zip(sample(module, kwargs, 3, scale), reference))
+    tcpade_fx.disable(module)
+    tcpade_fx.compile(module, "balanced")
+    module.tcpade.begin(12)
+    assert torch.isfinite(sample(module, kwargs, 12, scale)[-1]).all()
+    assert module.tcpade.stats.predicted > 0
+
+
 def test_long_skips_between_generic_block_lists_stay_inside_the_body():
     torch.manual_seed(0)
     module = UShapedStack().eval()
@@ -151,14 +164,8 @@ def test_long_skips_between_generic_block_lists_stay_inside_the_body():
            if any(p[0] == "mid_block" for p in (n.meta.get("nn_module_stack") or {}).values())]
     # the middle block between the lists is body too (but for its temb projection, which leaves the stream alone)
     assert mid[-1] in plan.body_nodes and [n for n in mid if n.startswith("layer_norm")][0] in plan.body_nodes
-    reference = sample(module, kwargs, 3, 1000.0)
-    tcpade_fx.compile(module, "full")
-    assert all(torch.equal(g, r) for g, r in zip(sample(module, kwargs, 3, 1000.0), reference))
+    assert_full_exact_and_balanced_caches(module, kwargs)
     tcpade_fx.disable(module)
-    tcpade_fx.compile(module, "balanced")
-    module.tcpade.begin(12)
-    assert torch.isfinite(sample(module, kwargs, 12, 1000.0)[-1]).all()
-    assert module.tcpade.stats.predicted > 0
 
 
 # -- forwards torch.export refuses ----------------------------------------------------------------------------------
@@ -192,14 +199,7 @@ def test_a_model_time_named_timesteps_is_followed():
     module = TimestepsStack().eval()
     kwargs = dict(hidden_states=torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0)),
                   timesteps=torch.full((2,), 1000.0))
-    reference = sample(module, kwargs, 3, 1000.0)
-    tcpade_fx.compile(module, "full")
-    assert all(torch.equal(g, r) for g, r in zip(sample(module, kwargs, 3, 1000.0), reference))
-    tcpade_fx.disable(module)
-    tcpade_fx.compile(module, "balanced")
-    module.tcpade.begin(12)
-    assert torch.isfinite(sample(module, kwargs, 12, 1000.0)[-1]).all()
-    assert module.tcpade.stats.predicted > 0
+    assert_full_exact_and_balanced_caches(module, kwargs)
     with pytest.raises(TypeError, match="timestep or timesteps"):
         module(hidden_states=kwargs["hidden_states"], timesteps=1000.0)
     tcpade_fx.disable(module)
