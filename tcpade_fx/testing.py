@@ -199,8 +199,10 @@ def drive_controller(policy, steps: int, error: float):
     return ctl
 
 
-#: ops whose result is a Python value read off a tensor: on CUDA each one waits for the device (a host sync)
-_READ_OPS = ("aten::_local_scalar_dense", "aten::equal")
+#: ops whose result is a Python value read off a tensor: on CUDA each one waits for the device (a host sync).
+#: Under autograd .item() / bool() reach the mode as aten._local_scalar_dense; under torch.inference_mode (no
+#: autograd key to decompose them) as aten.item / aten.is_nonzero: each read is seen once either way
+_READ_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal")
 
 
 @dataclass
@@ -232,7 +234,8 @@ class CallSyncs:
 
 class HostSyncCounter:
     """Counts host syncs while active: every read of a tensor's value into Python (``aten._local_scalar_dense``,
-    which ``.item()``, ``float()``, ``int()``, ``bool()`` and ``if tensor:`` all reach; ``aten.equal``;
+    which ``.item()``, ``float()``, ``int()``, ``bool()`` and ``if tensor:`` all reach, or ``aten.item`` /
+    ``aten.is_nonzero`` under ``torch.inference_mode``; ``aten.equal``;
     ``Tensor.tolist()``), every device-to-host copy, and (apart) every host-to-device copy and tensor built from
     Python numbers (``torch.tensor``/``torch.as_tensor`` of floats: a blocking copy when it is bound for CUDA).
     Ops on the fake tensors of a torch.export trace are not counted.
