@@ -1,6 +1,6 @@
 """Quality of ``mnist-wan``: per-frame class accuracy and temporal consistency, next to real clips.
 
-    python examples/eval_wan.py                                   # 100 clips, 28 steps, guidance 1.5
+    python examples/eval_wan.py                                   # 100 clips, 28 steps, guidance 5 (the default)
     python examples/eval_wan.py --clips 200 --steps 20 --png bench/mnist_wan_samples.png
 
 Per-frame accuracy: every frame of every clip classified by the bundled classifier after MNIST-style
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--path", default=None, help="a pipeline folder (default: the bundled mnist-wan)")
     ap.add_argument("--clips", type=int, default=100)
     ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--guidance", type=float, nargs="+", default=[1.5])
+    ap.add_argument("--guidance", type=float, nargs="+", default=None, help="default: wan.DEFAULT_GUIDANCE")
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--png", type=Path, default=None, help="write a strip of one clip per class here")
@@ -102,6 +102,7 @@ def main() -> None:
     else:
         pipe = models.load("mnist-wan")
     classifier = load_classifier()
+    args.guidance = args.guidance or [wan.DEFAULT_GUIDANCE]
     seeds = list(range(args.clips))
     labels = torch.tensor([s % 10 for s in seeds])
 
