@@ -22,6 +22,7 @@ def compile(
     backend_options: dict | None = None,
     dynamic_shapes: bool = True,
     max_graph_sets: int = 4,
+    process_group=None,
 ) -> T:
     """Make a diffusers pipeline (or a bare DiT-family transformer) sample with TC-Padé; returns it, mutated.
 
@@ -47,6 +48,11 @@ def compile(
             forward); False captures once per input signature.
         max_graph_sets: graph sets held at most (least recently used dropped, with a note);
             ``target.tcpade.graph_sets`` counts them, ``target.tcpade.clear_graphs()`` drops them.
+        process_group: the ``torch.distributed`` group whose processes each hold part of every step's tokens, for
+            a custom context-parallel setup. Not needed with diffusers' context parallelism
+            (``transformer.enable_parallelism(config=ContextParallelConfig(...))``, before or after this call): its
+            mesh is found at each call. Either way every statistic behind a decision or a prediction is reduced
+            over the group and every process takes the same decisions (:mod:`tcpade_fx.distributed`).
 
     Every transformer the pipeline denoises with gets its own runtime (Wan 2.2: ``transformer`` and
     ``transformer_2``), driven by the pipeline's scheduler. The runtime and its stats are at ``target.tcpade``
@@ -70,7 +76,8 @@ def compile(
             )
     runtimes = {name: TCPadeRuntime(transformer, policy, backend, verify=verify, block_prefixes=block_prefixes,
                                     backend_options=backend_options, dynamic_shapes=dynamic_shapes,
-                                    max_graph_sets=max_graph_sets) for name, transformer in denoisers.items()}
+                                    max_graph_sets=max_graph_sets, process_group=process_group)
+                for name, transformer in denoisers.items()}
     return install_runtimes(target, runtimes)
 
 

@@ -18,6 +18,17 @@ under ``torch.compile`` and ``torch.export``. Safeguards, each a ``torch.where``
 * ``D[τR]`` at float32 rounding level (``b`` not identifiable, e.g. two equal residuals among three nodes): ``b = 0``;
 * nodes closer than ``NODE_TOLERANCE`` of the span (repeated or nearly repeated times): reuse the last residual;
 * fewer history points than the order needs: the highest order the history allows (decided on the static count).
+
+Statistics over several processes (context parallelism: each holds some of the tokens of every residual). Every
+statistic a decision or a prediction reads is split into a per-process share and a finish: the denominator fit
+(:func:`denominator_partials`, then ``extrapolate_stacked(..., fit=...)``), the relative error
+(:func:`relative_error_partials`, :func:`relative_error_from`), the modulation fit (:func:`modulation_partials`,
+:func:`modulation_from`) and finiteness (:func:`nonfinite_partial`). Shares are normalised by the process's own
+largest magnitude and carry it, so that combining them (:class:`StatPack`, over a :class:`StatReducer`: the base
+class is one process and combines nothing) rescales to the global one without overflow: the combination is the
+statistic of the whole tensor, and with one process it is the process's own bit for bit. The public functions
+(:func:`relative_error`, :func:`fit_modulation`, :func:`extrapolate_stacked` without ``fit``) are share and finish
+on one process.
 """
 
 from __future__ import annotations
@@ -133,7 +144,9 @@ def stack_history(residuals: Sequence[Tensor], per_sample: bool = True) -> Tenso
     return torch.stack([_flatten(r, per_sample) for r in residuals])
 
 
-def _fit_normalised(u: Tensor, stacked: Tensor, u_star: Tensor, eps: float, pole_margin: float) -> Tensor:
+def _fit_partials(u: Tensor, stacked: Tensor) -> Tensor:
+    """This process's share of the denominator fit: per batch row (B, 3) ``[scale, ⟨D[R], D[τR]⟩, ⟨D[τR], D[τR]⟩]``,
+    the dot products of the data normalised by ``scale`` (the largest magnitude), i.e. in units of ``scale²``."""
     n, batch, _ = stacked.shape
     # max |R| per sample, without materialising |R| (much faster on CPU than vector_norm(ord=inf, dim=(0, 2)))
     scale = torch.maximum(stacked.amax(dim=2), stacked.amin(dim=2).neg()).amax(dim=0)
@@ -142,18 +155,28 @@ def _fit_normalised(u: Tensor, stacked: Tensor, u_star: Tensor, eps: float, pole
     weights = torch.stack([w, w * u])  # D[R] and D[τR] in one matmul over the history
     d = (weights @ stacked.reshape(n, -1)).reshape(2, batch, -1) * inv[None, :, None]
     d_r, d_ur = d[0], d[1]
-    num = torch.linalg.vecdot(d_r, d_ur, dim=1)
-    energy = torch.linalg.vecdot(d_ur, d_ur, dim=1)
+    return torch.stack([scale, torch.linalg.vecdot(d_r, d_ur, dim=1), torch.linalg.vecdot(d_ur, d_ur, dim=1)], 1)
+
+
+def _fit_finish(partials: Tensor, count: int | Tensor, u: Tensor, u_star: Tensor, eps: float,
+                pole_margin: float) -> Tensor:
+    """``b`` from the (global) fit statistics: :func:`_fit_partials`' and ``count``, the elements per batch row."""
+    n = u.shape[0]
+    num, energy = partials[:, 1], partials[:, 2]
     b = -num / (energy + eps)
     # D[τR] at float32 rounding level (each of its elements sums n terms of magnitude <= 1, so rounding leaves up to
     # ~n ulps): b is not identifiable from the data (exact arithmetic gives ±∞ or 0/0) and -num/(energy + eps) is
     # rounding noise over eps, which can land anywhere, inside the pole guard's range too.
-    noise = d_ur.shape[1] * (_ROUNDING_ULPS * n * torch.finfo(torch.float32).eps) ** 2
+    noise = count * (_ROUNDING_ULPS * n * torch.finfo(torch.float32).eps) ** 2
     # 1 + b·u is linear: its minimum over the hull of the nodes and the target is at one of its ends. Diffusion
     # times decrease (u_j ≥ 0 ≥ u*), so the oldest node u.amax() is an end as much as u.amin() and u*.
     lowest = torch.minimum(torch.minimum(1.0 + b * u.amin(), 1.0 + b * u.amax()), 1.0 + b * u_star)
     ok = torch.isfinite(b) & (lowest > pole_margin) & _nodes_distinct(u) & (energy > noise)
     return torch.where(ok, b, torch.zeros_like(b))
+
+
+def _fit_normalised(u: Tensor, stacked: Tensor, u_star: Tensor, eps: float, pole_margin: float) -> Tensor:
+    return _fit_finish(_fit_partials(u, stacked), stacked.shape[2], u, u_star, eps, pole_margin)
 
 
 def extrapolate(
@@ -210,6 +233,40 @@ def extrapolate(
     return _saturate(pred)
 
 
+def _nodes(times, n_have: int, target, method: str, order: int, device) -> tuple:
+    """What an extrapolation of ``method``/``order`` from ``n_have`` points uses: (method, L, nodes, u, u*) with
+    ``u``/``u*`` the normalised times of the newest nodes and the target (None where it is plain reuse)."""
+    if len(times) != n_have:
+        raise ValueError(f"got {len(times)} times for {n_have} stacked residuals")
+    method, l_eff = _resolve(method, order, n_have)
+    n_fit = needed_nodes(method, l_eff) if l_eff >= 0 else 1
+    if n_fit == 1:
+        return method, l_eff, 1, None, None
+    t = _as_times(times, device)[-n_fit:]
+    tau = t - t[-1]
+    tau_star = torch.as_tensor(target, dtype=torch.float32, device=device).reshape(()) - t[-1]
+    h = _node_scale(tau, tau_star)
+    return method, l_eff, n_fit, tau / h, tau_star / h
+
+
+def denominator_partials(
+    times: Sequence[float] | Tensor, stacked: Tensor, target: float | Tensor, *, method: str = "pade", order: int = 1
+) -> tuple[Tensor, int] | None:
+    """This process's share of the denominator fit that ``extrapolate_stacked(times, stacked, target, method=...,
+    order=...)`` makes: ``(partials, count)`` with ``partials`` of shape (B, 3), ``[scale, ⟨D[R], D[τR]⟩,
+    ⟨D[τR], D[τR]⟩]`` in units of ``scale²`` (combine with ``"scaled"``, :class:`StatPack`), and ``count`` the
+    elements per batch row (combine with ``"sum"``). None where that extrapolant fits no denominator.
+
+    With the history split across processes (context parallelism: each holds some of the tokens), the combined
+    statistics are those of the whole history, and ``extrapolate_stacked(..., fit=combined)`` gives every process
+    the same ``b``.
+    """
+    method, _, n_fit, u, _ = _nodes(times, stacked.shape[0], target, method, order, stacked.device)
+    if method != "pade" or n_fit == 1:
+        return None
+    return _fit_partials(u, stacked[-n_fit:]), int(stacked.shape[2])
+
+
 def extrapolate_stacked(
     times: Sequence[float] | Tensor,
     stacked: Tensor,
@@ -223,6 +280,7 @@ def extrapolate_stacked(
     damping: float | Tensor = 1.0,
     modulation: float | Tensor = 1.0,
     accumulate: torch.dtype = torch.float32,
+    fit: tuple[Tensor, Tensor | int] | None = None,
 ) -> Tensor:
     """:func:`extrapolate` on a history already stacked by :func:`stack_history` (``per_sample`` is its B).
 
@@ -230,29 +288,23 @@ def extrapolate_stacked(
     only reuse). Only the newest points the method and order need are read. Unlike :func:`extrapolate` the result
     is not clamped: where the combination overflows (or the dtype of ``like`` cannot hold it) it is not finite,
     for the caller to see (the runtime then computes the step). ``accumulate``: the dtype of the weighted sum of
-    the residuals (the fit is float32 either way); float64 holds sums beyond float32's range.
+    the residuals (the fit is float32 either way); float64 holds sums beyond float32's range. ``fit``: the
+    denominator statistics to fit ``b`` from (:func:`denominator_partials`, combined over the processes that hold
+    the rest of the history); default: this history's own.
     """
-    n_have = stacked.shape[0]
-    if len(times) != n_have:
-        raise ValueError(f"got {len(times)} times for {n_have} stacked residuals")
     out_dtype = like.dtype
-    method, l_eff = _resolve(method, order, n_have)
-    n_fit = needed_nodes(method, l_eff) if l_eff >= 0 else 1
+    device = stacked.device
+    method, l_eff, n_fit, u, u_star = _nodes(times, stacked.shape[0], target, method, order, device)
     if n_fit == 1:
         return like.clone()
-    device = stacked.device
-    t = _as_times(times, device)[-n_fit:]
-    tau = t - t[-1]
-    tau_star = torch.as_tensor(target, dtype=torch.float32, device=device).reshape(()) - t[-1]
-    h = _node_scale(tau, tau_star)
-    u, u_star = tau / h, tau_star / h
     stacked = stacked[-n_fit:]
     n_batch = stacked.shape[1]
 
     u_lag = u[-(l_eff + 1):]
     ell = _lagrange_weights(u_lag, u_star)  # (L+1,)
     if method == "pade":
-        b = _fit_normalised(u, stacked, u_star, eps, pole_margin)
+        partials, count = fit if fit is not None else (_fit_partials(u, stacked), stacked.shape[2])
+        b = _fit_finish(partials, count, u, u_star, eps, pole_margin)
         coeff = ell[None, :] * (1.0 + b[:, None] * u_lag[None, :]) / (1.0 + b[:, None] * u_star)  # (B, L+1)
         # T + μ·(P − T) is linear in the coefficients, and T's coefficients are the Lagrange weights
         mu = torch.as_tensor(modulation, dtype=torch.float32, device=device).reshape(-1, 1)
@@ -310,12 +362,51 @@ def all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite((x * 0).sum()))
 
 
-def relative_error(actual: Tensor, predicted: Tensor, *, per_sample: bool = True, eps: float = 1e-12) -> Tensor:
-    """‖actual − predicted‖ / (‖actual‖ + eps), per sample (shape (B,)) or for the whole tensor (shape (1,))."""
+def nonfinite_partial(x: Tensor) -> Tensor:
+    """1.0 where ``x`` has a NaN or infinite element, else 0.0 (a 1-element tensor; combine with ``"sum"``: the
+    number of processes whose share is not finite)."""
+    return (~torch.isfinite((x * 0).sum())).float().reshape(1)
+
+
+def relative_error_partials(actual: Tensor, predicted: Tensor, *, per_sample: bool = True) -> Tensor:
+    """This process's share of :func:`relative_error`: (B, 3) ``[scale, ‖a − p‖, ‖a‖]``, norms of the data divided
+    by ``scale`` (its largest magnitude); combine with ``"norm"`` (:class:`StatPack`)."""
     a, p = _flatten(actual, per_sample), _flatten(predicted, per_sample)
     scale = torch.clamp(a.abs().amax(dim=1, keepdim=True), min=_TINY)
     a, p = a / scale, p / scale
-    return torch.linalg.vector_norm(a - p, dim=1) / (torch.linalg.vector_norm(a, dim=1) + eps)
+    return torch.stack([scale[:, 0], torch.linalg.vector_norm(a - p, dim=1), torch.linalg.vector_norm(a, dim=1)], 1)
+
+
+def relative_error_from(partials: Tensor, *, eps: float = 1e-12) -> Tensor:
+    """:func:`relative_error` from (combined) :func:`relative_error_partials`."""
+    return partials[:, 1] / (partials[:, 2] + eps)
+
+
+def relative_error(actual: Tensor, predicted: Tensor, *, per_sample: bool = True, eps: float = 1e-12) -> Tensor:
+    """‖actual − predicted‖ / (‖actual‖ + eps), per sample (shape (B,)) or for the whole tensor (shape (1,))."""
+    return relative_error_from(relative_error_partials(actual, predicted, per_sample=per_sample), eps=eps)
+
+
+def modulation_partials(actual: Tensor, pade: Tensor, taylor: Tensor, *, per_sample: bool = True
+                        ) -> tuple[Tensor, int]:
+    """This process's share of :func:`fit_modulation`: ``(partials, count)``, ``partials`` (B, 3) ``[scale,
+    ‖P − T‖², ⟨A − T, P − T⟩]`` in units of ``scale²`` (combine with ``"scaled"``), ``count`` the elements per
+    batch row (``"sum"``)."""
+    a, p, t = (_flatten(x, per_sample) for x in (actual, pade, taylor))
+    scale = torch.clamp(torch.maximum(a.abs().amax(dim=1), p.abs().amax(dim=1)), min=_TINY)[:, None]
+    diff = (p - t) / scale
+    energy = torch.linalg.vecdot(diff, diff, dim=1)
+    dot = torch.linalg.vecdot((a - t) / scale, diff, dim=1)
+    return torch.stack([scale[:, 0], energy, dot], 1), int(diff.shape[1])
+
+
+def modulation_from(partials: Tensor, count: int | Tensor, *, default: float | Tensor = 1.0) -> Tensor:
+    """:func:`fit_modulation` from (combined) :func:`modulation_partials`."""
+    energy, dot = partials[:, 1], partials[:, 2]
+    mu = dot / torch.clamp(energy, min=_TINY)
+    noise = count * (_ROUNDING_ULPS * torch.finfo(torch.float32).eps) ** 2
+    fallback = torch.as_tensor(default, dtype=torch.float32, device=mu.device).expand_as(mu)
+    return torch.where((energy > noise) & torch.isfinite(mu), mu.clamp(0.0, 1.0), fallback)
 
 
 def fit_modulation(
@@ -324,11 +415,89 @@ def fit_modulation(
     """The modulation μ ∈ [0, 1] that would have predicted ``actual`` best as ``taylor + μ·(pade − taylor)``
     (least squares; shape (B,) or (1,)). Where the two extrapolants agree to float32 rounding (e.g. b = 0) μ is
     not identifiable and ``default`` (a scalar or one per batch element) is returned."""
-    a, p, t = (_flatten(x, per_sample) for x in (actual, pade, taylor))
-    scale = torch.clamp(torch.maximum(a.abs().amax(dim=1), p.abs().amax(dim=1)), min=_TINY)[:, None]
-    diff = (p - t) / scale
-    energy = torch.linalg.vecdot(diff, diff, dim=1)
-    mu = torch.linalg.vecdot((a - t) / scale, diff, dim=1) / torch.clamp(energy, min=_TINY)
-    noise = diff.shape[1] * (_ROUNDING_ULPS * torch.finfo(torch.float32).eps) ** 2
-    fallback = torch.as_tensor(default, dtype=torch.float32, device=mu.device).expand_as(mu)
-    return torch.where((energy > noise) & torch.isfinite(mu), mu.clamp(0.0, 1.0), fallback)
+    partials, count = modulation_partials(actual, pade, taylor, per_sample=per_sample)
+    return modulation_from(partials, count, default=default)
+
+
+# -- statistics over several processes ----------------------------------------------------------------------------
+class StatReducer:
+    """How one process's share of the statistics becomes the global statistics. This base class is a single process
+    (no communication: every statistic is already global); :class:`tcpade_fx.distributed.GroupReducer` gathers
+    over a ``torch.distributed`` group (context parallelism: each process holds some of the tokens)."""
+
+    world_size: int = 1
+
+    def gather(self, packed: Tensor) -> Tensor:
+        """Every process's ``packed`` (1-D, float64, the same length everywhere), stacked in rank order: shape
+        ``(world_size, n)``, identical on every process."""
+        return packed.unsqueeze(0)
+
+    def combine(self, kind: str, shares: Tensor) -> Tensor:
+        """The global value of a statistic of ``kind`` from every process's share (dim 0, in rank order)."""
+        return combine_shares(kind, shares)
+
+
+#: The single-process reducer.
+LOCAL = StatReducer()
+
+#: How the shares of a statistic combine (see :class:`StatPack`).
+KINDS = ("sum", "max", "min", "scaled", "norm")
+
+
+class StatPack:
+    """Statistics packed for one collective: ``add`` each process's share with how it combines, ``reduce`` once.
+
+    Kinds: ``"sum"`` (counts, dot products of unnormalised data), ``"max"``, ``"min"``; ``"scaled"``: column 0 of the
+    last axis is a scale ``s`` and the other columns sums of squares or dot products of data divided by ``s``
+    (the processes' shares are brought to the largest scale ``S``: ``Σ_r (s_r/S)²·v_r``); ``"norm"``: the same for
+    norms (``sqrt(Σ_r (s_r/S·n_r)²)``). The combination is computed in float64 in rank order on every process, so
+    every process gets the same values bit for bit; with one process each combines to its input exactly.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[str, Tensor]] = []
+
+    def add(self, kind: str, value: Tensor | float) -> int:
+        """Add one share; returns its index in :meth:`reduce`'s result."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown statistic kind {kind!r}; one of {KINDS}")
+        self._parts.append((kind, torch.as_tensor(value)))
+        return len(self._parts) - 1
+
+    def reduce(self, reducer: StatReducer = LOCAL) -> list[Tensor]:
+        """The global statistics, each in its share's shape and dtype, in the order they were added (one
+        ``reducer.gather``; none for an empty pack)."""
+        if not self._parts:
+            return []
+        if reducer.world_size == 1:  # every share is already global: no copy, no communication
+            return [v for _, v in self._parts]
+        device = next((v.device for _, v in self._parts if v.device.type != "cpu"), torch.device("cpu"))
+        flat = torch.cat([v.detach().reshape(-1).to(device=device, dtype=torch.float64) for _, v in self._parts])
+        rows = reducer.gather(flat)
+        out, at = [], 0
+        for kind, v in self._parts:
+            n = v.numel()
+            share = rows[:, at:at + n].reshape(rows.shape[0], *v.shape)
+            at += n
+            out.append(reducer.combine(kind, share).to(device=v.device, dtype=v.dtype))
+        return out
+
+
+def combine_shares(kind: str, shares: Tensor) -> Tensor:
+    """Combine the shares (dim 0: the processes, in rank order) of a statistic of ``kind`` (see :class:`StatPack`)."""
+    if shares.shape[0] == 1:
+        return shares[0]  # one process: its own value (every combination below is the identity on one share)
+    if kind == "sum":
+        return shares.sum(dim=0)
+    if kind == "max":
+        return shares.amax(dim=0)
+    if kind == "min":
+        return shares.amin(dim=0)
+    scales, values = shares[..., :1], shares[..., 1:]
+    top = scales.amax(dim=0)
+    ratio = torch.where(top > 0, scales / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(scales))
+    if kind == "scaled":
+        combined = (ratio * ratio * values).sum(dim=0)
+    else:  # norm
+        combined = torch.sqrt(((ratio * values) ** 2).sum(dim=0))
+    return torch.cat([top, combined], dim=-1)

@@ -36,7 +36,9 @@ from torch.utils import _pytree as pytree
 
 from .backends import get_backend
 from .controller import StepController
-from .pade import all_finite, extrapolate_stacked, fit_modulation, relative_error, stack_history
+from .distributed import DivergedDecisionError, ParallelContext, parallel_context
+from .pade import (LOCAL, StatPack, StatReducer, denominator_partials, extrapolate_stacked, modulation_from,
+                   modulation_partials, nonfinite_partial, relative_error_from, relative_error_partials, stack_history)
 from .model_state import ModelFingerprint, model_fingerprint
 from .passes import (BlockStackPlan, ShapePlan, VerificationError, bind_call, build_graphs, check_rewrite, flatten_call,
                      time_argument)
@@ -230,6 +232,7 @@ class TCPadeRuntime:
         graph_source: Callable[[dict], GraphSet] | None = None,
         dynamic_shapes: bool = True,
         max_graph_sets: int = 4,
+        process_group=None,
     ):
         """``graph_source``, when given, replaces capture + backend: it is called with the bound keyword
         arguments of each new input signature and returns the :class:`GraphSet` to step with (the exported
@@ -238,7 +241,12 @@ class TCPadeRuntime:
         With ``dynamic_shapes`` the graphs are captured with symbolic batch and token axes where the model allows
         (:mod:`tcpade_fx.passes.dynamic`): a new resolution or batch size the graphs accept reuses them, checked
         once against the eager forward at its first call (two forwards, no capture). At most ``max_graph_sets``
-        graph sets are held; the least recently used is dropped (with a note) when another is captured."""
+        graph sets are held; the least recently used is dropped (with a note) when another is captured.
+
+        Under context parallelism (diffusers' ``enable_parallelism``, found at each call, or ``process_group``)
+        every statistic behind a decision or a prediction is reduced over the group (:mod:`tcpade_fx.distributed`),
+        so that every process takes the same decisions; graphs are then captured with static shapes (each
+        process's graph holds its own chunk and the collectives)."""
         if not isinstance(max_graph_sets, int) or max_graph_sets < 1:
             raise ValueError(f"max_graph_sets must be an int >= 1, got {max_graph_sets!r}")
         self.module = module
@@ -250,6 +258,8 @@ class TCPadeRuntime:
         self.graph_source = graph_source
         self.dynamic_shapes = dynamic_shapes and graph_source is None
         self.max_graph_sets = max_graph_sets
+        self.process_group = process_group
+        self._parallel: ParallelContext | None = None
         self.stats = TCPadeStats()
         self._graph_sets: OrderedDict[Any, GraphSet] = OrderedDict()  # least recently used first
         self._aliases: dict[Any, Any] = {}  # exact signature -> key of the graph set that runs it
@@ -296,6 +306,8 @@ class TCPadeRuntime:
         # notes taken since the last begin() with no call in between (a pipeline begins twice) carry over
         carried = [n for n in ([] if self.stats.records else self.stats.notes) if n not in self.standing_notes]
         self.stats = TCPadeStats(compiles=self.stats.compiles, notes=[*self.standing_notes, *carried])
+        if self._parallel is not None and self._parallel_note(self._parallel) not in self.stats.notes:
+            self.stats.notes.append(self._parallel_note(self._parallel))
         self.follow_model()
         self._num_steps = num_steps
         if num_steps is not None and num_steps < self.policy.min_steps:
@@ -377,7 +389,7 @@ class TCPadeRuntime:
         if self.graph_source is not None:
             return self.graph_source(kwargs)
         graphs = build_graphs(self.module, kwargs, forward=forward, block_prefixes=self.block_prefixes,
-                              verify=self.verify, dynamic=self.dynamic_shapes)
+                              verify=self.verify, dynamic=self.dynamic_shapes and self._parallel is None)
         self._fingerprint = model_fingerprint(self.module)
         self.stats.captures += 1
         shape_notes = graphs.shapes.notes if graphs.shapes is not None else []  # which axes are dynamic: see .shapes
@@ -399,7 +411,7 @@ class TCPadeRuntime:
     def _graph_set_for(self, signature, leaves: list, kwargs: dict, forward: Callable | None) -> tuple[GraphSet, bool]:
         """The graph set that runs ``signature`` (most recently used now), and whether it was captured for it."""
         key = self._aliases.get(signature)
-        if key is None:
+        if key is None and self._parallel is None:  # parallel graph sets are static (and per process)
             key = next((k for k, g in self._graph_sets.items() if g.accepts(leaves)), None)
             if key is not None and not self._verify_new_shape(self._graph_sets[key], signature, leaves, kwargs,
                                                                forward):
@@ -407,7 +419,12 @@ class TCPadeRuntime:
         captured = key is None
         if captured:
             key = signature
-            self._graph_sets[key] = self._build(kwargs, forward)
+            try:
+                built, failure = self._build(kwargs, forward), None
+            except Exception as exc:  # capture, locate and verification errors: agreed on below, then raised
+                built, failure = None, exc
+            self._agree_on_capture(failure)
+            self._graph_sets[key] = built
             self._graph_sets[key].verified.add(signature)
             while len(self._graph_sets) > self.max_graph_sets:
                 old, _ = self._graph_sets.popitem(last=False)
@@ -417,6 +434,48 @@ class TCPadeRuntime:
         self._aliases[signature] = key
         self._graph_sets.move_to_end(key)
         return self._graph_sets[key], captured
+
+    def _agree_on_capture(self, failure: BaseException | None) -> None:
+        """Under parallelism, every process learns whether the capture (and its verification) failed on any
+        process before one of them runs a graph: all raise, or none. Raises ``failure`` where it is not None."""
+        if self._parallel is not None:
+            flag = torch.tensor([0.0 if failure is None else 1.0], dtype=torch.float64, device=self._device())
+            rows = self._parallel.reducer.gather(flag)
+            failed = [r for r in range(rows.shape[0]) if float(rows[r, 0]) > 0]
+            if failure is None and failed:
+                raise DivergedDecisionError(
+                    f"capturing the transformer failed on process(es) {failed} of the {self._parallel.description} "
+                    f"group (this is process {self._parallel.rank}): every process stops here rather than run graphs "
+                    "the others do not. The cause is in the output of the failing process(es).")
+        if failure is not None:
+            raise failure
+
+    def _device(self) -> torch.device:
+        """Where the reducer's statistics live (NCCL gathers CUDA tensors): the model's device."""
+        param = next(self.module.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    @property
+    def _reducer(self) -> StatReducer:
+        return self._parallel.reducer if self._parallel is not None else LOCAL
+
+    def _follow_parallel(self) -> ParallelContext | None:
+        """The parallel setup of this call (diffusers' ``enable_parallelism`` may come before or after compile);
+        a change is noted (the input signature carries it, so graphs are captured for the new setup)."""
+        parallel = parallel_context(self.module, self.process_group)
+        key = parallel.key if parallel is not None else None
+        if key != (self._parallel.key if self._parallel is not None else None):
+            self.stats.notes.append(self._parallel_note(parallel))
+        self._parallel = parallel
+        return parallel
+
+    @staticmethod
+    def _parallel_note(parallel: ParallelContext | None) -> str:
+        if parallel is None:
+            return "parallelism off: statistics are this process's own"
+        return (f"{parallel.description}, process {parallel.rank} of {parallel.world_size}: every statistic behind a "
+                "decision or a prediction is reduced over the group and each decision checked equal on every "
+                "process; graphs captured with static shapes (each process's holds its own chunk)")
 
     def _verify_new_shape(self, graphs: GraphSet, signature, leaves: list, kwargs: dict, forward) -> bool:
         """Check dynamic-shape graphs at a size they were not captured at (one eager forward, one compute graph;
@@ -451,6 +510,7 @@ class TCPadeRuntime:
         name, which keys the branch's history."""
         kwargs = bind_call(self.module, args, kwargs)
         self._model_checked = False
+        parallel = self._follow_parallel()
         timestep = kwargs.get(time_argument(kwargs) or "timestep")
         if (not self._driven and isinstance(timestep, torch.Tensor) and self._last_time is not None
                 and float(timestep.reshape(-1)[0]) > self._last_time):
@@ -458,6 +518,8 @@ class TCPadeRuntime:
         current = self.graphs
         leaves, spec = flatten_call((), kwargs, current.in_spec if current else None)
         signature = self._signature_of(leaves, spec)
+        if parallel is not None:
+            signature = (*signature, parallel.key)
         graphs, captured = self._graph_set_for(signature, leaves, kwargs, forward)
         self._current_signature = signature
         timestep = leaves[graphs.timestep_position]
@@ -477,8 +539,10 @@ class TCPadeRuntime:
                 self.stats.notes.append(f"new input signature at {where}: graphs re-captured "
                                         f"({len(self._graph_sets)} signatures kept)")
             branch.signature = signature
+        hidden = kwargs.get("hidden_states")
+        batch = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else 1
         with torch.no_grad():
-            flat = self._run(graphs, branch, leaves, time, context)
+            flat = self._run(graphs, branch, leaves, time, context, batch)
         return pytree.tree_unflatten(list(flat), graphs.out_spec)
 
     def _advance(self, time: float, context: str | None) -> Branch:
@@ -525,7 +589,8 @@ class TCPadeRuntime:
             )
         return received
 
-    def _run(self, graphs: GraphSet, branch: Branch, leaves: list, time: float, context: str | None) -> tuple:
+    def _run(self, graphs: GraphSet, branch: Branch, leaves: list, time: float, context: str | None,
+             batch: int = 1) -> tuple:
         p = self.policy
         step = self._step
         decision = branch.controller.decide(step, time)
@@ -534,31 +599,37 @@ class TCPadeRuntime:
         # the controller's effective order: on two history points Padé [0/1], not the Taylor-1 that
         # extrapolate(order=1) would substitute; measured on mnist-dit, 20 steps, "balanced" (48 seeds, the first
         # prediction has two points): 37.1 dB with [0/1], 32.4 dB with Taylor-1
+        order = max(decision.order, 0)
+        fit = self._agree_on_decision(branch, decision, time, order, batch)
         if not decision.compute:
             residual = extrapolate_stacked(
                 branch.times, branch.stacked, time, like=branch.newest, method=p.method,
-                order=max(decision.order, 0), eps=p.eps, pole_margin=p.pole_margin,
-                damping=decision.damping, modulation=branch.modulation,
+                order=order, eps=p.eps, pole_margin=p.pole_margin,
+                damping=decision.damping, modulation=branch.modulation, fit=fit,
             )
-            if all_finite(residual):
+            pack = StatPack()
+            pack.add("sum", nonfinite_partial(residual))
+            (nonfinite,) = pack.reduce(self._reducer)  # collective 2 of a predicted step
+            if not float(nonfinite):
                 out = graphs.predict(*leaves, residual)
                 branch.controller.record_predict()
                 self._record(**record, modulation=branch.modulation_mean if self._modulates else None)
                 return out
             self.stats.notes.append(f"step {step}: predicted residual not finite, computed instead")
         *out, residual = first if first is not None else graphs.compute(*leaves)
-        if not all_finite(residual):
+        # collective 2 of a computed step: the residual's finiteness and the a-posteriori check's statistics
+        pack = StatPack()
+        finite_at = pack.add("sum", nonfinite_partial(residual))
+        check = self._check_partials(branch, residual, time, order, fit, pack) if branch.stacked is not None else None
+        reduced = pack.reduce(self._reducer)
+        if float(reduced[finite_at]):
             self.stats.notes.append(f"step {step}: block-stack residual not finite, history cleared")
             branch.clear_history()
             self._record(**record, computed=True)
             return out
         check_error = velocity = None
-        if branch.stacked is not None:
-            predicted = self._check_and_modulate(branch, residual, time, max(decision.order, 0))
-            check_error = float(relative_error(residual, predicted, per_sample=p.per_sample).max())
-            dt = abs(time - branch.times[-1])
-            if dt > 0:
-                velocity = float(relative_error(residual, branch.newest, per_sample=False).max()) / dt
+        if check is not None:
+            check_error, velocity = self._finish_check(branch, time, check, reduced)
         if check_error is not None and self._is_jump(branch, check_error):
             self.stats.notes.append(
                 f"step {step} (branch {branch.index}): the checked error {check_error:.3g} is "
@@ -573,6 +644,49 @@ class TCPadeRuntime:
         self._record(**record, check_error=check_error, computed=True)
         return out
 
+    def _agree_on_decision(self, branch: Branch, decision, time: float, order: int, batch: int):
+        """Collective 1 of a step: the decision, checked equal on every process, and the history's denominator fit
+        (the same fit serves the prediction and the a-posteriori check). Returns the global fit statistics (None
+        where the extrapolant fits no denominator). One process: no communication, the statistics are its own.
+
+        The pack has the same length on every process whatever their state (the fit's block is sized by the call's
+        batch and zero where unused), so that diverged processes meet in this one collective and raise
+        :class:`DivergedDecisionError` instead of entering different graphs' collectives."""
+        p = self.policy
+        fit = (denominator_partials(branch.times, branch.stacked, time, method=p.method, order=order)
+               if branch.stacked is not None else None)
+        if self._parallel is None:
+            return fit
+        device = branch.stacked.device if branch.stacked is not None else self._device()
+        rows = p.per_sample and batch or 1
+        if fit is not None:
+            rows = max(rows, fit[0].shape[0])
+        block = torch.zeros(rows, 3, dtype=torch.float32, device=device)
+        count = 0
+        if fit is not None:
+            block[: fit[0].shape[0]] = fit[0]
+            count = fit[1]
+        seen = [self._step, branch.index, int(decision.compute), decision.order, len(branch.times),
+                -1 if fit is None else fit[0].shape[0]]
+        guard = torch.tensor(seen, dtype=torch.float64, device=device)
+        pack = StatPack()
+        low, high = pack.add("min", guard), pack.add("max", guard)
+        scaled, summed = pack.add("scaled", block), pack.add("sum", torch.tensor([float(count)], device=device))
+        reduced = pack.reduce(self._reducer)
+        if not torch.equal(reduced[low], reduced[high]):
+            names = ("step", "branch", "compute", "order", "history", "fit rows")
+            lo, hi = reduced[low].tolist(), reduced[high].tolist()
+            differ = ", ".join(f"{n} {a:g}..{b:g}" for n, a, b in zip(names, lo, hi) if a != b)
+            raise DivergedDecisionError(
+                f"the {self._parallel.description} processes reached different decisions at call "
+                f"{len(self.stats.records)} (this is process {self._parallel.rank}, which has "
+                f"{dict(zip(names, seen))}; across the group: {differ}). They would enter different graphs' "
+                "collectives and deadlock, so every process stops here. Every process must run the same "
+                "pipeline call (same steps, guidance, inputs); report this if they do.")
+        if fit is None:
+            return None
+        return reduced[scaled][: fit[0].shape[0]], reduced[summed][0]
+
     def _is_jump(self, branch: Branch, check_error: float) -> bool:
         p = self.policy
         if len(branch.check_errors) < 3 or not check_error > p.jump_floor:
@@ -583,24 +697,46 @@ class TCPadeRuntime:
     def _modulates(self) -> bool:
         return self.policy.method == "pade" and self.policy.modulate_denominator
 
-    def _check_and_modulate(self, branch: Branch, residual: torch.Tensor, time: float, order: int) -> torch.Tensor:
-        """What the branch would have predicted at this computed step; with ``modulate_denominator``, also fit the
-        modulation μ to this residual for the predictions that follow."""
+    def _check_partials(self, branch: Branch, residual: torch.Tensor, time: float, order: int, fit,
+                        pack: StatPack) -> dict:
+        """What the branch would have predicted at this computed step, as this process's shares of the statistics
+        the check needs, added to ``pack``: the prediction's relative error, the residual's velocity and, with
+        ``modulate_denominator``, the fit of the modulation μ to this residual for the predictions that follow."""
         p = self.policy
-        kw = dict(like=branch.newest, order=order, eps=p.eps, pole_margin=p.pole_margin)
+        kw = dict(like=branch.newest, order=order, eps=p.eps, pole_margin=p.pole_margin, fit=fit)
+        found = {}
         if not self._modulates:
-            return extrapolate_stacked(branch.times, branch.stacked, time, method=p.method, **kw)
-        pade = extrapolate_stacked(branch.times, branch.stacked, time, method="pade", **kw)
-        taylor = extrapolate_stacked(branch.times, branch.stacked, time, method="taylor", **kw)
-        # on the residual's device: a CPU μ of shape (1, 1, ...) would not broadcast against CUDA tensors
-        mu = torch.as_tensor(branch.modulation, dtype=torch.float32, device=residual.device)
-        # the prediction extrapolate_stacked(modulation=μ) makes, from P and T (which the fit needs anyway)
-        predicted = (taylor + mu.reshape(-1, *[1] * (taylor.dim() - 1)) * (pade - taylor)).to(taylor.dtype)
-        fitted = fit_modulation(residual, pade, taylor, per_sample=p.per_sample, default=mu)
-        a = p.modulation_smoothing
-        branch.modulation = a * fitted + (1 - a) * mu
-        branch.modulation_mean = float(branch.modulation.mean())
-        return predicted
+            predicted = extrapolate_stacked(branch.times, branch.stacked, time, method=p.method, **kw)
+        else:
+            pade = extrapolate_stacked(branch.times, branch.stacked, time, method="pade", **kw)
+            taylor = extrapolate_stacked(branch.times, branch.stacked, time, method="taylor", **kw)
+            # on the residual's device: a CPU μ of shape (1, 1, ...) would not broadcast against CUDA tensors
+            mu = torch.as_tensor(branch.modulation, dtype=torch.float32, device=residual.device)
+            # the prediction extrapolate_stacked(modulation=μ) makes, from P and T (which the fit needs anyway)
+            predicted = (taylor + mu.reshape(-1, *[1] * (taylor.dim() - 1)) * (pade - taylor)).to(taylor.dtype)
+            partials, count = modulation_partials(residual, pade, taylor, per_sample=p.per_sample)
+            found["mu"], found["count"] = mu, count
+            found["modulation"] = pack.add("scaled", partials), pack.add("sum", torch.tensor([float(count)]))
+        found["error"] = pack.add("norm", relative_error_partials(residual, predicted, per_sample=p.per_sample))
+        found["velocity"] = pack.add("norm", relative_error_partials(residual, branch.newest, per_sample=False))
+        return found
+
+    def _finish_check(self, branch: Branch, time: float, check: dict, reduced: list) -> tuple:
+        """The checked error and velocity from the reduced statistics; updates the branch's modulation."""
+        check_error = float(relative_error_from(reduced[check["error"]]).max())
+        velocity = None
+        dt = abs(time - branch.times[-1])
+        if dt > 0:
+            velocity = float(relative_error_from(reduced[check["velocity"]]).max()) / dt
+        if "modulation" in check:
+            at, count_at = check["modulation"]
+            mu = check["mu"]
+            count = reduced[count_at][0] if self._parallel is not None else check["count"]
+            fitted = modulation_from(reduced[at], count, default=mu)
+            a = self.policy.modulation_smoothing
+            branch.modulation = a * fitted + (1 - a) * mu
+            branch.modulation_mean = float(branch.modulation.mean())
+        return check_error, velocity
 
     def _record(self, step, branch, context, time, decision, check_error=None, computed=False, modulation=None):
         self.stats.records.append(StepRecord(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import context_parallel_config
 from ..integration import transformer_of
 from ..passes import Graphs, ShapePlan, bind_call, build_graphs, example_residual, flatten_call
 from ..passes.capture import tracing_forward
@@ -108,6 +109,22 @@ def record_call(target, example_call) -> tuple[torch.nn.Module, dict]:
     return transformer, bind_call(transformer, args, kwargs)
 
 
+def refuse_parallel(module: torch.nn.Module) -> None:
+    """Refuse to export a transformer with diffusers' context parallelism enabled: its graphs hold each process's
+    own chunk of the tokens and the collectives (all-to-all, all-gather) that join them, so they differ per
+    process and need the process group at run time, which an ONNX or TensorRT file cannot carry."""
+    from ..distributed import UnsupportedParallelismError
+
+    if context_parallel_config(module) is not None:
+        raise UnsupportedParallelismError(
+            f"{type(module).__name__} has context parallelism enabled (enable_parallelism): its graphs contain "
+            "collectives (all-to-all, all-gather over the process group) and each process's graph holds only its own "
+            "chunk of the tokens, so one exported file per model cannot run it. Export from a single process without "
+            "enable_parallelism (the exported graphs then run one request per GPU: data parallelism), or use "
+            "tcpade_fx.compile(pipe) under context parallelism, which captures each process's graphs in place."
+        )
+
+
 def capture_for_export(
     target,
     example_call=None,
@@ -117,7 +134,10 @@ def capture_for_export(
     block_prefixes: tuple[str, ...] | None = None,
 ) -> ExportCapture:
     """Record the transformer's first call and build its verified graphs with batch and token axes symbolic
-    where the model allows (:mod:`tcpade_fx.passes.dynamic`)."""
+    where the model allows (:mod:`tcpade_fx.passes.dynamic`).
+
+    Raises :class:`~tcpade_fx.distributed.UnsupportedParallelismError` under context (or tensor) parallelism."""
+    refuse_parallel(transformer_of(target))
     module, kwargs = record_call(target, example_call)
     leaves, _ = flatten_call((), kwargs)
     bad = [type(x).__name__ for x in leaves if not isinstance(x, (torch.Tensor, *CONSTANT_TYPES))]

@@ -98,6 +98,10 @@ def _is_tensor(node: torch.fx.Node) -> bool:
 _NARROWING = _PASS_THROUGH | {"slice", "narrow", "select", "getitem", "split", "split_with_sizes", "chunk",
                               "unbind", "tensor_split"}
 _NARROWING = _NARROWING | {f"{n}_copy" for n in _NARROWING}  # functionalised graphs (the real-tensor route)
+#: Ops that take a part of a tensor: a context-parallel split hook on the first block (diffusers' Wan plan shards
+#: ``hidden_states`` in ``blocks.0``'s pre-forward) runs one of them inside that block.
+_SPLITTING = {"chunk", "split", "split_with_sizes", "tensor_split", "narrow", "slice", "unbind"}
+_SPLITTING = _SPLITTING | {f"{n}_copy" for n in _SPLITTING}
 
 
 def _block_lists(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
@@ -215,9 +219,40 @@ def _locate(gm: torch.fx.GraphModule, prefixes: tuple[str, ...]) -> BlockStackPl
         )
     first, last = in_block[0], in_block[-1]
     span = nodes[first:last + 1]
+    try:
+        return _plan(span, block_of, leading=set())
+    except UnsupportedModelError as exc:
+        leading = _leading_splits(span, block_of)
+        if not leading:
+            raise
+        try:
+            return _plan(span, block_of, leading)
+        except UnsupportedModelError:
+            raise exc from None
+
+
+def _leading_splits(span: list[torch.fx.Node], block_of: dict) -> set[torch.fx.Node]:
+    """Block ops that only take a part of a tensor computed before the blocks (and the ``getitem`` of their
+    parts): a context-parallel input split at the start of the first block. With them in the head, the residual
+    input is the process's own chunk, the shape of the body output."""
+    leading: set[torch.fx.Node] = set()
+    for node in span:
+        if node not in block_of or node.op != "call_function":
+            continue
+        inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        if _target_name(node) == "getitem":
+            if inputs and all(a in leading for a in inputs):
+                leading.add(node)
+        elif _target_name(node) in _SPLITTING and inputs and all(a not in block_of for a in inputs):
+            leading.add(node)
+    return leading
+
+
+def _plan(span: list[torch.fx.Node], block_of: dict, leading: set[torch.fx.Node]) -> BlockStackPlan:
+    """The plan of the span's body (the block ops, without ``leading``, and what depends on them)."""
     body0: set[torch.fx.Node] = set()
     for node in span:
-        if node in block_of or any(a in body0 for a in node.all_input_nodes):
+        if node not in leading and (node in block_of or any(a in body0 for a in node.all_input_nodes)):
             body0.add(node)
     inputs: list[torch.fx.Node] = []
     for node in span:
