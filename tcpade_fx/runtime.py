@@ -680,7 +680,8 @@ class TCPadeRuntime:
             raise DivergedDecisionError(
                 f"the {self._parallel.description} processes reached different decisions at call "
                 f"{len(self.stats.records)} (this is process {self._parallel.rank}, which has "
-                f"{dict(zip(names, seen))}; across the group: {differ}). They would enter different graphs' "
+                f"{dict(zip(names, seen))}, error estimate {decision.error_estimate}, tolerance "
+                f"{decision.tolerance}; across the group: {differ}). They would enter different graphs' "
                 "collectives and deadlock, so every process stops here. Every process must run the same "
                 "pipeline call (same steps, guidance, inputs); report this if they do.")
         if fit is None:
