@@ -2,10 +2,10 @@
 
 The compute/predict decision stays in Python, outside the graphs, so a trajectory compiles each graph once.
 Graphs captured with static shapes compile with ``dynamic=False`` (the runtime keeps one graph set per input
-signature). Graphs captured with symbolic batch/token axes (:mod:`tcpade_fx.passes.dynamic`) compile with dynamo's
-automatic dynamic shapes: the first input shape compiles static, the first call at another shape recompiles once
-with the sizes that changed left symbolic, and every later shape reuses that compile (measured on a tiny Flux:
-4 resolutions, 2 compiles per graph).
+signature). Graphs captured with symbolic batch/token axes (:mod:`tcpade_fx.passes.dynamic`) compile once with
+those axes symbolic (marked on the inputs with ``torch._dynamo.maybe_mark_dynamic``, the other sizes static), and
+every later shape along them reuses that compile (a tiny Flux over 3 batch sizes x 3 resolutions: 1 compile per
+graph; dynamo's automatic dynamic shapes alone took one more per changing axis).
 """
 
 from __future__ import annotations
@@ -15,13 +15,21 @@ import torch
 from .registry import Backend, register_backend
 
 
+def symbolic_axes(gm: torch.fx.GraphModule) -> dict[int, list[int]]:
+    """The input positions of ``gm`` captured with symbolic sizes, and their axes (empty for a static capture)."""
+    axes = {}
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            dims = [d for d, size in enumerate(value.shape) if not isinstance(size, int)]
+            if dims:
+                axes[i] = dims
+    return axes
+
+
 def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
     """Whether a placeholder of ``gm`` was captured with a symbolic size (a dynamic-shape capture)."""
-    for node in gm.graph.find_nodes(op="placeholder"):
-        value = node.meta.get("val")
-        if isinstance(value, torch.Tensor) and any(not isinstance(s, int) for s in value.shape):
-            return True
-    return False
+    return bool(symbolic_axes(gm))
 
 
 def compile_inductor(gm: torch.fx.GraphModule, name: str, on_compile, **options):
@@ -33,8 +41,19 @@ def compile_inductor(gm: torch.fx.GraphModule, name: str, on_compile, **options)
         on_compile(name)
         return compile_fx(graph, example_inputs)
 
-    options.setdefault("dynamic", None if has_symbolic_shapes(gm) else False)
-    return torch.compile(gm, backend=counting_inductor, fullgraph=True, **options)
+    axes = symbolic_axes(gm)
+    options.setdefault("dynamic", None if axes else False)
+    compiled = torch.compile(gm, backend=counting_inductor, fullgraph=True, **options)
+    if not axes or options["dynamic"] is not None:
+        return compiled
+
+    def call_with_dynamic_axes(*args):
+        # the capture's symbolic axes, marked on every call's inputs, so that the first compile is already generic
+        for i, dims in axes.items():
+            torch._dynamo.maybe_mark_dynamic(args[i], dims)
+        return compiled(*args)
+
+    return call_with_dynamic_axes
 
 
 BACKEND = register_backend(Backend("inductor", "torch.compile with inductor, each graph once (automatic dynamic "
