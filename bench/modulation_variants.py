@@ -62,6 +62,12 @@ def check(self, branch, residual, time, order):
 
 def main() -> None:
     torch.set_num_threads(1)
+    if not hasattr(rt.TCPadeRuntime, "_check_and_modulate"):
+        raise SystemExit(
+            "bench/modulation_variants.py replaces TCPadeRuntime._check_and_modulate, which the runtime no longer has "
+            "(since issue 12 the check is split into per-process shares, _check_partials, and a finish, "
+            "_finish_check). Its results (bench/MODULATION_STUDY.md) were measured before; to rerun it, check out "
+            "a commit before 3e8e547 or port `check` to _finish_check.")
     rt.TCPadeRuntime._check_and_modulate = check
     seeds = list(range(1000, 1048))
     labels = [s % 10 for s in seeds]

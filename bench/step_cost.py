@@ -35,7 +35,8 @@ from tcpade_fx import metrics, models, runtime  # noqa: E402
 
 now = time.thread_time  # CPU time of this (single) thread: robust to sharing the cores; --clock wall for wall time
 
-NUMERICS = ("extrapolate_stacked", "stack_history", "relative_error", "all_finite")
+NUMERICS = ("extrapolate_stacked", "stack_history", "denominator_partials", "relative_error_partials",
+            "modulation_partials", "nonfinite_partial")
 
 
 class Clock:
@@ -73,8 +74,8 @@ def instrument_numerics() -> None:
     """Time the runtime's numerics where the runtime looks them up (module globals of tcpade_fx.runtime)."""
     for name in NUMERICS:
         setattr(runtime, name, _timed(name, getattr(runtime, name)))
-    runtime.TCPadeRuntime._check_and_modulate = _timed("check and modulation fit",
-                                                       runtime.TCPadeRuntime._check_and_modulate)
+    runtime.TCPadeRuntime._check_partials = _timed("check and modulation fit",
+                                                   runtime.TCPadeRuntime._check_partials)
 
 
 def instrument_graphs(rt) -> None:
