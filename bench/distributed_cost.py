@@ -27,7 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tcpade_fx.testing_distributed import context_parallel_config, cpu_context_parallel_workarounds, init_gloo  # noqa: E402
+from tcpade_fx.testing_distributed import (
+    context_parallel_config,
+    cpu_context_parallel_workarounds,
+    init_gloo,
+)
 
 
 def main() -> None:

@@ -30,8 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tcpade_fx  # noqa: E402
-from tcpade_fx.testing_distributed import context_parallel_config, cpu_context_parallel_workarounds  # noqa: E402
+import tcpade_fx
+from tcpade_fx.testing_distributed import (
+    context_parallel_config,
+    cpu_context_parallel_workarounds,
+)
 
 
 def pipeline(model: str, seed: int):
@@ -56,7 +59,7 @@ def main() -> None:
     if not cuda:
         torch.set_num_threads(1)
         cpu_context_parallel_workarounds()
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 
 from .backends import get_backend
 from .controller import StepController
-from .distributed import DivergedDecisionError, ParallelContext, parallel_context
+from .distributed import DivergedDecisionError, ParallelContext, UnsupportedParallelismError, parallel_context
 from .pade import (LOCAL, StatPack, StatReducer, denominator_partials, extrapolate_stacked, modulation_from,
                    modulation_partials, nonfinite_partial, relative_error_from, relative_error_partials, stack_history)
 from .model_state import ModelFingerprint, model_fingerprint
@@ -463,6 +463,12 @@ class TCPadeRuntime:
         """The parallel setup of this call (diffusers' ``enable_parallelism`` may come before or after compile);
         a change is noted (the input signature carries it, so graphs are captured for the new setup)."""
         parallel = parallel_context(self.module, self.process_group)
+        if parallel is not None and self.graph_source is not None:
+            raise UnsupportedParallelismError(
+                f"{type(self.module).__name__} runs exported graphs (export.load(...).install) and has context "
+                "parallelism enabled: the exported graphs hold the whole sequence and no collectives, so they cannot "
+                "run one process's chunk. Run exported graphs one request per process (data parallelism), or use "
+                "tcpade_fx.compile(pipe) with context parallelism.")
         key = parallel.key if parallel is not None else None
         if key != (self._parallel.key if self._parallel is not None else None):
             self.stats.notes.append(self._parallel_note(parallel))

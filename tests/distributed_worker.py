@@ -17,7 +17,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from tcpade_fx.testing_distributed import (  # noqa: E402
+from tcpade_fx.testing_distributed import (
     context_parallel_config,
     cpu_context_parallel_workarounds,
     init_gloo,
@@ -110,7 +110,7 @@ def export_refusal(pipe, kwargs) -> str | None:
 def run(name: str, out: Path, rank: int) -> None:
     import tcpade_fx.distributed as tdist
 
-    model, kind, before, policies, reducer = SCENARIOS[name]
+    model, *_, reducer = SCENARIOS[name]
     pipe, kwargs = pipeline(model)
     original_reducer_for = tdist._reducer_for
     if reducer == "per_process":
@@ -126,7 +126,7 @@ def _run(name: str, out: Path, rank: int, pipe, kwargs) -> None:
     import tcpade_fx
     from tcpade_fx.distributed import DivergedDecisionError
 
-    model, kind, before, policies, reducer = SCENARIOS[name]
+    _, kind, before, policies, _ = SCENARIOS[name]
     result: dict = {"scenario": name, "rank": rank, "runs": []}
     if before:
         pipe.transformer.enable_parallelism(config=context_parallel_config(kind))
