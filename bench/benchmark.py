@@ -15,6 +15,13 @@ Same seeds (latents) for every row. Per row:
 * PSNR / SSIM against the full run of the same scheduler (what a cache promises: fidelity to the user's sampler);
 * PSNR against a converged reference: the same noise solved with 100 UniPC steps;
 * FD / KID in the bundled classifier's feature space against the 5,000 real digits, and class accuracy.
+
+The video model ``mnist-wan`` (``--models mnist-wan``) gets the same rows; its samples are clips (B, F, 1, 28, 28)
+and every metric is taken over frames (:class:`VideoSamples`): PSNR over all frames, SSIM averaged over frames,
+FD / KID / accuracy on each frame's classifier features after ``wan.mnist_normalise`` (as examples/eval_wan.py),
+against the frames of 625 real moving-digit clips (5,000 frames) normalised the same way, plus the median
+``track_rms_px`` (temporal consistency, ``wan.track_residual``). Its guidance is the pipeline's default
+(``wan.DEFAULT_GUIDANCE``), not the image models' 1.5.
 """
 
 from __future__ import annotations
@@ -55,23 +62,84 @@ def unipc():
     return UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
 
 
+class ImageSamples:
+    """What the benchmark needs to know about a model's samples: here images (B, 1, 28, 28) in ``.images``."""
+
+    output = "images"
+    latent_shape = (1, 28, 28)
+    guidance = GUIDANCE
+
+    def frames(self, samples: torch.Tensor) -> torch.Tensor:
+        """The samples as (N, 1, 28, 28) frames for PSNR / SSIM."""
+        return samples
+
+    def classifier_input(self, frames: torch.Tensor) -> torch.Tensor:
+        return frames
+
+    def frame_labels(self, labels: list[int]) -> torch.Tensor:
+        return torch.tensor(labels)
+
+    def real_frames(self) -> torch.Tensor:
+        return load_mnist_digits()[0]
+
+    def extra_metrics(self, samples: torch.Tensor) -> dict:
+        return {}
+
+
+class VideoSamples(ImageSamples):
+    """``mnist-wan`` clips (B, F, 1, 28, 28) in ``.frames``; the metrics are per frame (see the module docstring)."""
+
+    output = "frames"
+    REAL_CLIPS = 625
+    REAL_SEED0 = 20_000
+
+    def __init__(self):
+        from tcpade_fx.models import wan
+
+        self.wan = wan
+        self.latent_shape = (1, wan.NUM_FRAMES, 28, 28)
+        self.guidance = wan.DEFAULT_GUIDANCE
+
+    def frames(self, samples: torch.Tensor) -> torch.Tensor:
+        return samples.reshape(-1, 1, *samples.shape[-2:])
+
+    def classifier_input(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.wan.mnist_normalise(frames)
+
+    def frame_labels(self, labels: list[int]) -> torch.Tensor:
+        return torch.tensor(labels).repeat_interleave(self.wan.NUM_FRAMES)
+
+    def real_frames(self) -> torch.Tensor:
+        seeds = range(self.REAL_SEED0, self.REAL_SEED0 + self.REAL_CLIPS)
+        clips = self.wan.MovingDigits().clips(seeds, [s % 10 for s in seeds])  # (B, 1, F, 28, 28)
+        return self.frames(clips.transpose(1, 2))
+
+    def extra_metrics(self, samples: torch.Tensor) -> dict:
+        tracks = self.wan.centre_of_mass(samples[:, :, 0]).numpy()
+        return {"track_rms_px": round(float(statistics.median(self.wan.track_residual(tracks))), 3)}
+
+
+SAMPLES = {"mnist-wan": VideoSamples}
+
+
 class Bench:
     def __init__(self, model: str, samples: int, timing_samples: int, repeats: int, batch: int,
                  fd_only: bool = False):
         self.fd_only = fd_only
         self.model = model
+        self.kind = SAMPLES.get(model, ImageSamples)()
+        self.guidance = self.kind.guidance
         self.samples = samples
         self.repeats = repeats
         self.batch = batch
         self.seeds = list(range(samples))
         self.labels = [s % 10 for s in self.seeds]
-        self.latents = metrics.seeded_latents(self.seeds)
+        self.latents = self.latents_for(self.seeds)
         self.timing_labels = self.labels[:timing_samples]
         self.timing_latents = self.latents[:timing_samples]
         self.classifier = load_classifier()
-        real, _ = load_mnist_digits()
         with torch.no_grad():
-            self.real_feats = self.classifier.features(real)
+            self.real_feats = self.classifier.features(self.kind.classifier_input(self.kind.real_frames()))
         self.out_path = RESULTS / f"{model}.jsonl"
         self.done: dict = {}
         if self.out_path.exists():
@@ -79,6 +147,10 @@ class Bench:
                 row = json.loads(line)
                 self.done[(row["steps"], row["label"], row["samples"])] = row
         self._cache: dict = {}
+
+    def latents_for(self, seeds: list[int]) -> torch.Tensor:
+        """One noise tensor per seed (the same for a seed in any subset)."""
+        return metrics.seeded_latents(seeds, self.kind.latent_shape)
 
     # -- running ---------------------------------------------------------------------------------------------
     def pipe(self, scheduler=None, policy=None, hook=None):
@@ -98,8 +170,9 @@ class Bench:
         self.calls = self.computed_calls = 0
         self.schedules = []
         for i in range(0, len(labels), self.batch):
-            out.append(pipe(labels[i:i + self.batch], latents=latents[i:i + self.batch], num_inference_steps=steps,
-                            guidance_scale=GUIDANCE, output_type="pt").images)
+            result = pipe(labels[i:i + self.batch], latents=latents[i:i + self.batch], num_inference_steps=steps,
+                          guidance_scale=self.guidance, output_type="pt")
+            out.append(getattr(result, self.kind.output))
             runtime = getattr(pipe, "tcpade", None)
             if runtime is not None:
                 self.calls += len(runtime.stats.records)
@@ -156,20 +229,22 @@ class Bench:
             computed = run_steps / steps
             schedule = None
         speedup = None if self.fd_only else self.time_ratio(full_make(), steps, pipe, run_steps)
+        frames, full_frames = self.kind.frames(images), self.kind.frames(full)
         with torch.no_grad():
-            feats = self.classifier.features(images)
-            accuracy = (self.classifier.head(feats).argmax(1) == torch.tensor(self.labels)).float().mean().item()
+            feats = self.classifier.features(self.kind.classifier_input(frames))
+            accuracy = (self.classifier.head(feats).argmax(1) == self.kind.frame_labels(self.labels)).float().mean().item()
         result = {
             "model": self.model, "steps": steps, "label": label, "family": family, "samples": self.samples,
             "compute": round(computed, 4), "computed_steps": round(computed * steps, 2),
             "speedup": None if speedup is None else round(speedup, 3),
             "ideal_speedup": round(1 / computed, 3) if computed else None,
-            "psnr_full": round(metrics.psnr(full, images), 3), "ssim_full": round(metrics.ssim(full, images), 4),
+            "psnr_full": round(metrics.psnr(full, images), 3),
+            "ssim_full": round(metrics.ssim(full_frames, frames), 4),
             "psnr_converged": None if converged is None else round(metrics.psnr(converged, images), 3),
             "fd": round(metrics.frechet_distance(self.real_feats, feats), 3),
             "kid": round(metrics.kernel_inception_distance(self.real_feats, feats), 5),
             "accuracy": round(accuracy, 4), "schedule": schedule, "seconds": round(seconds, 1),
-            "full": full_name,
+            "full": full_name, "guidance": self.guidance, **self.kind.extra_metrics(images),
         }
         if extra:
             result.update({k: v for k, v in extra.items() if k != "compute"})
@@ -271,7 +346,10 @@ def main() -> None:
         run_model(bench, args.steps, args.presets, not args.no_peers, args.peers_only, args.core_only, args.peer_match)
     from report import write_report  # bench/report.py
 
-    write_report(RESULTS)
+    if RESULTS.resolve() == (ROOT / "bench" / "results").resolve():
+        write_report(RESULTS)
+    else:  # a scratch results folder gets its own report, beside its rows
+        write_report(RESULTS, RESULTS / "BENCHMARKS.md", RESULTS / "pareto.png")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,16 @@ Peers:
   attention-backend auto-selection does nothing on CPU, and diffusers' attention registry is left as it was
   (checked).
 
+``mnist-wan`` (``WanTransformer3DModel``, CFG as two transformer calls per step, each in
+``transformer.cache_context("cond" / "uncond")`` as ``WanPipeline`` does): the block stack is ``blocks`` (one of
+``_ALL_TRANSFORMER_BLOCK_IDENTIFIERS``) and ``WanTransformerBlock`` is in ``TransformerBlockRegistry`` (hidden states
+at index 0, no encoder output), so FirstBlockCache and MagCache apply unchanged; each keeps one state per cache
+context, i.e. the conditional and unconditional branches decide and cache separately, as in diffusers' own
+WanPipeline. TaylorSeer gets ``blocks.N.(attn1|attn2|ffn)`` (its default patterns match nothing in Wan). MagCache's
+calibration prints one ratio list per context; their mean is used. cache-dit: the adapter it registers for
+``Wan*`` pipelines (``ForwardPattern.Pattern_2``, no patch functor, ``has_separate_cfg=True``), with
+``enable_separate_cfg=True`` (the conditional call first, as in our pipeline and cache-dit's default).
+
 Limits: every peer here takes one skip decision per transformer call, i.e. for the whole batch (both CFG halves,
 all images). The probe batch (``PROBE_SAMPLES`` images) is smaller than the benchmark's batches, so a row's measured
 compute can differ from its ``probe_compute`` by a step or so. TaylorSeer's interval knob is discrete: k = 2, 3, 4
@@ -121,11 +131,23 @@ def _scheduler(bench):
 
 
 def _guidance(bench) -> float:
-    return getattr(_bench_module(bench), "GUIDANCE", 1.5)
+    return getattr(bench, "guidance", None) or getattr(_bench_module(bench), "GUIDANCE", 1.5)
+
+
+def _latents(bench, seeds: list[int]) -> torch.Tensor:
+    from tcpade_fx import metrics
+
+    return bench.latents_for(seeds) if hasattr(bench, "latents_for") else metrics.seeded_latents(seeds)
+
+
+def is_wan(transformer: nn.Module) -> bool:
+    from diffusers import WanTransformer3DModel
+
+    return isinstance(transformer, WanTransformer3DModel)
 
 
 def block_lists(transformer: nn.Module) -> list[nn.ModuleList]:
-    return [getattr(transformer, name) for name in ("transformer_blocks", "single_transformer_blocks")
+    return [getattr(transformer, name) for name in ("transformer_blocks", "single_transformer_blocks", "blocks")
             if isinstance(getattr(transformer, name, None), nn.ModuleList)]
 
 
@@ -149,7 +171,7 @@ class ComputeMeter:
         self.calls = 0
         blocks = blocks_of(transformer)
         if not blocks:
-            raise ValueError(f"no transformer_blocks / single_transformer_blocks in {type(transformer).__name__}")
+            raise ValueError(f"no transformer_blocks / single_transformer_blocks / blocks in {type(transformer).__name__}")
         linears = [m for block in blocks for m in block.modules() if isinstance(m, nn.Linear)]
         last = [m for m in blocks[-1].modules() if isinstance(m, nn.Linear)][-1]
         for module in linears:
@@ -186,13 +208,15 @@ def full_flops_per_row(bench) -> float:
     if bench.model not in _FULL_PER_ROW:
         pipe = bench.pipe(_scheduler(bench))
         meter = ComputeMeter(pipe.transformer)
-        pipe([0], latents=torch.zeros(1, 1, 28, 28), num_inference_steps=1, guidance_scale=1.0, output_type="pt")
+        pipe([0], latents=torch.zeros_like(_latents(bench, [0])), num_inference_steps=1, guidance_scale=1.0,
+             output_type="pt")
         _FULL_PER_ROW[bench.model] = meter.flops / meter.rows
     return _FULL_PER_ROW[bench.model]
 
 
 def _diffusers_hooks(transformer) -> tuple[Callable, Callable]:
-    """Before / after a pipeline call: reset the stateful diffusers hooks and set (clear) one cache context."""
+    """Before / after a pipeline call: reset the stateful diffusers hooks and set (clear) one cache context (a
+    pipeline that sets its own per branch, as ``MNISTWanPipeline`` does, replaces it for each of its calls)."""
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
@@ -258,12 +282,10 @@ def peer_pipe(bench, apply: Callable, kind: str, extra: dict, freeze_after: int 
 
 def probe_compute(bench, n: int, apply: Callable, kind: str) -> float:
     """Compute fraction of the peer on the probe batch (seeds ``PROBE_SEED0`` …, not the benchmark's)."""
-    from tcpade_fx import metrics
-
     extra: dict = {}
     pipe = peer_pipe(bench, apply, kind, extra, freeze_after=1)
     seeds = list(range(PROBE_SEED0, PROBE_SEED0 + PROBE_SAMPLES))
-    pipe([s % 10 for s in seeds], latents=metrics.seeded_latents(seeds), num_inference_steps=n,
+    pipe([s % 10 for s in seeds], latents=_latents(bench, seeds), num_inference_steps=n,
          guidance_scale=_guidance(bench), output_type="pt")
     return extra["compute"]
 
@@ -329,17 +351,21 @@ def fbcache(threshold: float) -> Callable:
 
 
 def taylorseer_identifiers(transformer, block_level: bool = BLOCK_LEVEL_TAYLORSEER) -> tuple[list[str], list[str]]:
-    """(cache_identifiers, skip_predict_identifiers) for our DiT / Flux transformers.
+    """(cache_identifiers, skip_predict_identifiers) for our DiT / Flux / Wan transformers.
 
     Module level (the TaylorSeer paper's units): DiT ``attn1`` and ``ff`` outputs; Flux dual blocks ``attn`` (both
     streams), ``ff``, ``ff_context``; Flux single blocks: the ``proj_out`` output is forecast and ``attn`` /
     ``proj_mlp`` (which only feed ``proj_out``) return zeros on forecast steps (diffusers' "skip" mode), as the
     paper's Flux code forecasts the single block's ``linear2`` output. Gates, adaLN and residual adds stay live.
+    Wan: ``blocks.N.attn1`` (self-attention), ``attn2`` (cross-attention) and ``ffn`` outputs; diffusers' default
+    ``^blocks.*attn`` (``re.fullmatch``) matches none of them (the names end in ``attn1`` / ``attn2``).
     Block level: every block's output is forecast, which makes the model output depend only on the last block's
     forecast (= Taylor extrapolation of the final hidden state).
     """
     if block_level:
-        return [r"(single_)?transformer_blocks\.\d+"], []
+        return [r"((single_)?transformer_blocks|blocks)\.\d+"], []
+    if is_wan(transformer):
+        return [r"blocks\.\d+\.(attn1|attn2|ffn)"], []
     if hasattr(transformer, "single_transformer_blocks"):  # Flux
         return ([r"transformer_blocks\.\d+\.(attn|ff|ff_context)", r"single_transformer_blocks\.\d+\.proj_out"],
                 [r"single_transformer_blocks\.\d+\.(attn|proj_mlp)"])
@@ -369,12 +395,14 @@ _MAG_RATIOS: dict[tuple[str, int], list[float]] = {}
 
 
 def mag_ratios(bench, n: int) -> list[float]:
-    """MagCache's own calibration (``calibrate=True``) on this model and N, on the probe seeds."""
+    """MagCache's own calibration (``calibrate=True``) on this model and N, on the probe seeds.
+
+    With CFG as two calls per step in their own cache contexts (``mnist-wan``) the hook calibrates each context and
+    prints one list per context; ``MagCacheConfig`` takes one list for both, so the mean of the lists is used.
+    """
     key = (bench.model, n)
     if key not in _MAG_RATIOS:
         from diffusers.hooks import MagCacheConfig, apply_mag_cache
-
-        from tcpade_fx import metrics
 
         def apply(pipe):
             apply_mag_cache(pipe.transformer, MagCacheConfig(calibrate=True, num_inference_steps=n))
@@ -383,15 +411,15 @@ def mag_ratios(bench, n: int) -> list[float]:
         seeds = list(range(PROBE_SEED0, PROBE_SEED0 + PROBE_SAMPLES))
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            pipe([s % 10 for s in seeds], latents=metrics.seeded_latents(seeds), num_inference_steps=n,
+            pipe([s % 10 for s in seeds], latents=_latents(bench, seeds), num_inference_steps=n,
                  guidance_scale=_guidance(bench), output_type="pt")
-        lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("[")]
-        if not lines:
+        lists = [ast.literal_eval(ln) for ln in out.getvalue().splitlines() if ln.startswith("[") and "]" == ln[-1:]
+                 and not ln.startswith("[MagCache]")]
+        if not lists:
             raise RuntimeError(f"MagCache calibration printed no ratios: {out.getvalue()!r}")
-        ratios = ast.literal_eval(lines[-1])
-        if len(ratios) != n:
-            raise RuntimeError(f"MagCache calibration gave {len(ratios)} ratios for {n} steps")
-        _MAG_RATIOS[key] = [float(r) for r in ratios]
+        if any(len(ratios) != n for ratios in lists):
+            raise RuntimeError(f"MagCache calibration gave {[len(r) for r in lists]} ratios for {n} steps")
+        _MAG_RATIOS[key] = [float(sum(r) / len(lists)) for r in zip(*lists)]
     return _MAG_RATIOS[key]
 
 
@@ -417,7 +445,7 @@ def cache_dit_available() -> str | None:
 
 
 def cache_dit_adapter(pipe):
-    """A BlockAdapter for our pipeline mirroring cache-dit's registered DiT / Flux adapters."""
+    """A BlockAdapter for our pipeline mirroring cache-dit's registered DiT / Flux / Wan adapters."""
     from cache_dit import BlockAdapter, ForwardPattern
     from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
 
@@ -435,6 +463,9 @@ def cache_dit_adapter(pipe):
                             blocks_name="transformer_blocks", dummy_blocks_names=["single_transformer_blocks"],
                             forward_pattern=ForwardPattern.Pattern_1, patch_functor=FluxPatchFunctor(),
                             has_separate_cfg=False)
+    if is_wan(t):  # cache-dit's "Wan" adapter (Wan 2.1): Pattern_2, no patch functor, CFG as separate calls
+        return BlockAdapter(pipe=pipe, transformer=t, blocks=t.blocks, forward_pattern=ForwardPattern.Pattern_2,
+                            check_forward_pattern=True, has_separate_cfg=True)
     raise TypeError(f"no cache-dit adapter for {type(t).__name__}")
 
 
@@ -445,7 +476,7 @@ def dbcache(threshold: float, n: int, warmup: int, taylor: bool = False, max_con
 
         config = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=warmup,
                                max_continuous_cached_steps=max_continuous, residual_diff_threshold=threshold,
-                               enable_separate_cfg=False, num_inference_steps=n)
+                               enable_separate_cfg=is_wan(pipe.transformer), num_inference_steps=n)
         calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if taylor else None
         cache_dit.enable_cache(cache_dit_adapter(pipe), cache_config=config, calibrator_config=calibrator)
 

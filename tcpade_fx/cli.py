@@ -25,21 +25,14 @@ def _timed(fn) -> tuple[float, object]:
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
     import tcpade_fx
     from tcpade_fx import metrics, models
+    from tcpade_fx.demo_video import demo_inputs
 
-    console = Console()
-    torch.set_num_threads(args.threads)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seeds = list(range(args.seeds))
-    labels = [s % 10 for s in seeds]
-    latents = metrics.seeded_latents(seeds)
-    call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt")
+    console, out_dir, labels, latents, call = demo_inputs(args)
 
     with console.status(f"loading {args.model}"):
         full = models.load(args.model)
@@ -461,12 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tcpade-fx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="full vs TC-Padé on a bundled model: speedup, PSNR/SSIM, grid and step plot")
-    demo.add_argument("--model", default="mnist-dit", choices=["mnist-dit", "mnist-flux"])
+    demo.add_argument("--model", default="mnist-dit", choices=["mnist-dit", "mnist-flux", "mnist-wan"],
+                      help="mnist-wan: clips, demo.gif + strip.png (tcpade_fx.demo_video)")
     demo.add_argument("--policy", default="balanced", help="quality | balanced | fast | full")
     demo.add_argument("--backend", default="eager", choices=["eager", "inductor"])
-    demo.add_argument("--steps", type=int, default=28)
-    demo.add_argument("--seeds", type=int, default=16, help="images sampled (seeds 0..n-1, digit = seed mod 10)")
-    demo.add_argument("--guidance", type=float, default=1.5)
+    demo.add_argument("--steps", type=int, default=None, help="default 28 (mnist-wan: 20)")
+    demo.add_argument("--seeds", type=int, default=None,
+                      help="images (clips) sampled, seeds 0..n-1, digit = seed mod 10; default 16 (mnist-wan: 4)")
+    demo.add_argument("--guidance", type=float, default=None, help="default 1.5 (mnist-wan: the pipeline's)")
     demo.add_argument("--repeats", type=int, default=3, help="timed repeats of each run (median reported)")
     demo.add_argument("--threads", type=int, default=1)
     demo.add_argument("--out", default="out/demo")
@@ -496,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", default="out/bench")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        run_demo(args)
+        from .demo_video import resolve_demo_defaults, run_video_demo
+
+        (run_video_demo if args.model == "mnist-wan" else run_demo)(resolve_demo_defaults(args))
     elif args.command == "bench":
         for name in ("steps", "batch_size", "repeats", "grid"):
             if getattr(args, name) < 1:

@@ -94,7 +94,9 @@ def test_generators_make_it_deterministic(pipe):
     a, b = run([4, 7], [10, 11]), run([4, 7], [10, 11])
     assert torch.equal(a, b)
     alone = run([7], [11])
-    torch.testing.assert_close(a[1:], alone, rtol=1e-5, atol=1e-5)
+    # batched vs alone: float32 matmul blocking differs with the batch size (up to 4e-5 measured at guidance 5,
+    # which scales the branch difference by 5); another seed differs by O(1)
+    torch.testing.assert_close(a[1:], alone, rtol=0, atol=3e-4)
     assert not torch.allclose(a, run([4, 7], [12, 11]))
     with pytest.raises(ValueError, match="one per clip"):
         pipe([3, 7], generator=[torch.Generator()], num_inference_steps=2)
@@ -126,7 +128,7 @@ def test_the_clips_are_moving_digits_of_the_asked_class():
     assert (predicted == torch.tensor(labels).repeat_interleave(wan.NUM_FRAMES)).float().mean() >= 0.95
     tracks = wan.centre_of_mass(clips[:, 0]).numpy()
     speed = np.linalg.norm(np.diff(tracks, axis=1), axis=-1)
-    assert speed.mean() > 0.9  # the digit moves (speeds are drawn in [1, 2.5] px per frame before bouncing)
+    assert speed.mean() > 0.7  # the digit moves (speeds are drawn in wan.SPEED_RANGE = [0.5, 1.5] px per frame)
     residual = wan.track_residual(tracks)
     shuffled = wan.track_residual(np.stack([t[np.random.default_rng(0).permutation(len(t))] for t in tracks]))
     assert np.median(residual) < 0.2 < 1.0 < np.median(shuffled)
@@ -135,7 +137,7 @@ def test_the_clips_are_moving_digits_of_the_asked_class():
 def test_bundled_model_draws_the_asked_digit_in_every_frame(pipe):
     labels = list(range(10))
     gens = [torch.Generator().manual_seed(s) for s in range(10)]
-    clips = pipe(labels, num_inference_steps=20, guidance_scale=1.5, generator=gens, output_type="pt").frames
+    clips = pipe(labels, num_inference_steps=20, generator=gens, output_type="pt").frames  # wan.DEFAULT_GUIDANCE
     with torch.no_grad():
         predicted = load_classifier()(wan.mnist_normalise(clips.reshape(-1, 1, 28, 28))).argmax(1)
     accuracy = (predicted == torch.tensor(labels).repeat_interleave(wan.NUM_FRAMES)).float().mean().item()
