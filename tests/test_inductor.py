@@ -66,3 +66,62 @@ def test_inductor_serves_new_resolutions_without_a_compile_each():
     assert pipe.tcpade.stats.compiles == {"compute": 1, "predict": 1}, pipe.tcpade.stats.summary()
     assert pipe.tcpade.graph_sets == 1
     tcpade_fx.disable(pipe)
+
+
+@pytest.mark.slow
+def test_regional_inductor_compiles_once_per_block_group_and_serves_new_resolutions():
+    """backend_options={"regional": True}: the 2 dual + 2 single Flux blocks compile as 2 graphs (one per group of
+    identical blocks, each block called with its own weights), plus the head and the tail; a dynamic-shape capture
+    keeps serving new resolutions from the same compiles, "full" equal to the untouched pipeline; the weights stay
+    the model's own tensors."""
+    from tcpade_fx.testing_pipelines import output_of, tiny_flux_pipeline
+
+    pipe, kwargs = tiny_flux_pipeline()
+
+    def run(size, steps=6):
+        return output_of(pipe(**dict(kwargs, height=size, width=size), num_inference_steps=steps,
+                              generator=torch.Generator().manual_seed(0)))
+
+    sizes = (16, 32)
+    reference = {size: run(size) for size in sizes}
+    tcpade_fx.compile(pipe, policy="full", backend="inductor", backend_options={"regional": True})
+    for size in sizes:
+        got = run(size)
+        assert float((got - reference[size]).norm() / reference[size].norm()) < 1e-4, size
+    groups = {"compute/head": 1, "compute/transformer_blocks": 1, "compute/single_transformer_blocks": 1,
+              "compute/tail": 1}
+    assert pipe.tcpade.stats.compiles == {**groups, "predict": 1}, pipe.tcpade.stats.summary()
+    assert pipe.tcpade.graph_sets == 1
+
+    pipe.tcpade.policy = Policy.preset("balanced")
+    for size in sizes:
+        out = run(size, steps=10)
+        assert torch.isfinite(out).all() and pipe.tcpade.stats.predicted > 0
+    assert pipe.tcpade.stats.compiles == {**groups, "predict": 1}, pipe.tcpade.stats.summary()
+    tcpade_fx.disable(pipe)
+
+
+def test_split_regions_shares_the_weights_and_groups_identical_blocks():
+    """The pass alone (no compiler): same outputs as the flat graph, the model's own parameter objects, one group
+    per block list."""
+    from tcpade_fx.passes.pipeline import build_graphs
+    from tcpade_fx.passes.regions import group_regions, split_regions
+    from tcpade_fx.testing import tiny_flux_transformer
+
+    torch.manual_seed(0)
+    model = tiny_flux_transformer()
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(hidden_states=torch.randn(1, 16, 8, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g), pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.full((1,), 1.0),
+                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)
+    graphs = build_graphs(model, kwargs, verify=False)
+    top = split_regions(graphs.compute)
+    assert [(name, len(members)) for name, members in group_regions(top)] == [
+        ("head", 1), ("transformer_blocks", 2), ("single_transformer_blocks", 2), ("tail", 1)]
+    with torch.no_grad():
+        for a, b in zip(graphs.compute(*graphs.leaves), top(*graphs.leaves)):
+            assert torch.equal(a, b)
+    ours = {id(p) for p in model.parameters()}
+    assert {id(p) for p in top.parameters()} <= ours
+    regions = [m for name, m in top.named_children() if name.startswith("region_")]
+    assert len(regions) == 6 and not any(True for region in regions for _ in region.parameters())  # lifted

@@ -6,6 +6,13 @@ signature). Graphs captured with symbolic batch/token axes (:mod:`tcpade_fx.pass
 those axes symbolic (marked on the inputs with ``torch._dynamo.maybe_mark_dynamic``, the other sizes static), and
 every later shape along them reuses that compile (a tiny Flux over 3 batch sizes x 3 resolutions: 1 compile per
 graph; dynamo's automatic dynamic shapes alone took one more per changing axis).
+
+``backend_options={"regional": True}`` compiles per block instead of one flat graph
+(:func:`compile_regional`): the compute graph is split at block boundaries (:mod:`tcpade_fx.passes.regions`),
+blocks whose graphs are structurally identical share ONE compile, called with each block's own weights (the
+model's tensors, not copies), and the head, the tail and the predict graph compile as before. Stats count one
+entry per compiled unit, ``"compute/transformer_blocks"``, ``"compute/head"`` ..., ``"predict"``; each count is the
+number of inductor compiles of that unit (a recompile for new strides or shapes adds one).
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ def has_symbolic_shapes(gm: torch.fx.GraphModule) -> bool:
     return bool(symbolic_axes(gm))
 
 
-def compile_inductor(gm: torch.fx.GraphModule, name: str, on_compile, **options):
+def compile_inductor(gm: torch.fx.GraphModule, name: str, on_compile, regional: bool = False, **options):
     """``options`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``; ``dynamic`` overrides
-    the choice above)."""
+    the choice above); ``regional``: per-block compilation (:func:`compile_regional`)."""
+    if regional:
+        return compile_regional(gm, name, on_compile, **options)
     from torch._inductor.compile_fx import compile_fx
 
     def counting_inductor(graph: torch.fx.GraphModule, example_inputs):
@@ -56,5 +65,34 @@ def compile_inductor(gm: torch.fx.GraphModule, name: str, on_compile, **options)
     return call_with_dynamic_axes
 
 
+class _Shared(torch.nn.Module):
+    """One region of a split graph, run by its group's compiled representative."""
+
+    def __init__(self, fn, group: str):
+        super().__init__()
+        self.fn, self.group = fn, group
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def compile_regional(gm: torch.fx.GraphModule, name: str, on_compile, **options):
+    """``gm`` split by block (:func:`tcpade_fx.passes.regions.split_regions`), one inductor compile per group of
+    identical blocks and per non-block region (``on_compile(f"{name}/{group}")``), run by the split graph's Python
+    code; a graph without blocks (the predict graph) compiles whole, as :func:`compile_inductor`."""
+    from ..passes.regions import group_regions, split_regions
+
+    top = split_regions(gm)
+    groups = group_regions(top)
+    if len(groups) < 2:
+        return compile_inductor(gm, name, on_compile, **options)
+    for group, members in groups:
+        compiled = compile_inductor(getattr(top, members[0]), f"{name}/{group}", on_compile, **options)
+        for member in members:
+            setattr(top, member, _Shared(compiled, group))
+    return top
+
+
 BACKEND = register_backend(Backend("inductor", "torch.compile with inductor, each graph once (automatic dynamic "
-                                   "shapes for dynamic-shape captures)", compile_graph=compile_inductor))
+                                   "shapes for dynamic-shape captures; backend_options={'regional': True}: one "
+                                   "compile per group of identical blocks)", compile_graph=compile_inductor))
