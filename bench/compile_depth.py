@@ -14,6 +14,8 @@ kernel cache) and one thread. Modes:
 - ``tcpade``: ``tcpade_fx.compile(transformer, "balanced", backend="inductor")``; its first call (capture,
   verification, the compute graph's compile and run) and its first predicted call (the predict graph's compile);
 - ``tcpade-eager``: the same with ``backend="eager"`` (what capture and verification cost without inductor);
+- ``tcpade-regional``: ``tcpade`` with ``backend_options={"regional": True}`` (one inductor compile per group of
+  identical blocks, plus head, tail and the predict graph);
 - ``torch.compile``: ``torch.compile(transformer, fullgraph=True)``, first call;
 - ``regional``: diffusers' ``transformer.compile_repeated_blocks(fullgraph=True)``, first call.
 
@@ -36,7 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's tcpade_fx, also when another one is installed
-MODES = ("eager", "tcpade-eager", "tcpade", "torch.compile", "regional")
+MODES = ("eager", "tcpade-eager", "tcpade", "tcpade-regional", "torch.compile", "regional")
+TCPADE = ("tcpade", "tcpade-eager", "tcpade-regional")
 DOUBLE, SINGLE = 19, 38
 
 
@@ -86,9 +89,11 @@ def measure(mode: str, double: int = DOUBLE, single: int = SINGLE, backend_optio
                     "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
     steps = 10
     times = [1.0 - i / steps for i in range(steps)]
-    tcpade = mode in ("tcpade", "tcpade-eager")
+    tcpade = mode in TCPADE
     if tcpade:
-        tcpade_fx.compile(model, "balanced", backend="inductor" if mode == "tcpade" else "eager",
+        if mode == "tcpade-regional":
+            backend_options = {**(backend_options or {}), "regional": True}
+        tcpade_fx.compile(model, "balanced", backend="eager" if mode == "tcpade-eager" else "inductor",
                           backend_options=backend_options)
     elif mode == "torch.compile":
         model = torch.compile(model, fullgraph=True)
@@ -177,14 +182,14 @@ def report(rows: list[dict], args) -> str:
             continue
         c = med(mode, "compile_s")
         warm = med(mode, "warm_compute_call_s")
-        warm_text = _fmt(warm) if mode not in ("tcpade", "tcpade-eager") else \
+        warm_text = _fmt(warm) if mode not in TCPADE else \
             f"{_fmt(warm)} computed / {_fmt(med(mode, 'warm_predict_call_s'))} predicted"
         lines.append(
             f"| {mode} | {_fmt(c)} | {_fmt(med(mode, 'first_call_s'))} | {warm_text} | "
             f"{_fmt(c / ref_full) + 'x' if c and ref_full else '—'} | "
             f"{_fmt(c / ref_regional) + 'x' if c and ref_regional else '—'} |"
         )
-    for mode in ("tcpade", "tcpade-eager"):
+    for mode in TCPADE:
         if mode in by_mode:
             r = by_mode[mode][0]
             calls = ", ".join(f"{k}{s:.1f}" for k, s in zip(r["schedule"], r["cold_calls_s"]))
