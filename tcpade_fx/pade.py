@@ -144,9 +144,25 @@ def stack_history(residuals: Sequence[Tensor], per_sample: bool = True) -> Tenso
     return torch.stack([_flatten(r, per_sample) for r in residuals])
 
 
-def _fit_partials(u: Tensor, stacked: Tensor) -> Tensor:
+def _fit_partials(u: Tensor, stacked: Tensor, slots: Sequence[int] | None = None) -> Tensor:
     """This process's share of the denominator fit: per batch row (B, 3) ``[scale, ⟨D[R], D[τR]⟩, ⟨D[τR], D[τR]⟩]``,
-    the dot products of the data normalised by ``scale`` (the largest magnitude), i.e. in units of ``scale²``."""
+    the dot products of the data normalised by ``scale`` (the largest magnitude), i.e. in units of ``scale²``.
+    ``slots``: the rows of ``stacked`` (a ring) that hold the nodes, oldest first; default: all rows in order."""
+    if slots is not None:
+        k, batch, _ = stacked.shape
+        scale = torch.stack([torch.maximum(stacked[s].amax(dim=1), stacked[s].amin(dim=1).neg()) for s in slots])
+        scale = scale.amax(dim=0).float()
+        inv = 1.0 / torch.clamp(scale, min=_TINY)
+        w = _divided_difference_weights(u)
+        # the ring's slot order is handled by the weights: zero on the slots that are not nodes (no re-stacking)
+        weights = torch.zeros(2, k, dtype=torch.float32, device=stacked.device)
+        for j, s in enumerate(slots):
+            weights[0, s] = w[j]
+            weights[1, s] = w[j] * u[j]
+        d = (weights @ stacked.reshape(k, -1).float()).reshape(2, batch, -1) * inv[None, :, None]
+        d_r, d_ur = d[0], d[1]
+        return torch.stack([scale, torch.linalg.vecdot(d_r, d_ur, dim=1), torch.linalg.vecdot(d_ur, d_ur, dim=1)],
+                           1)
     n, batch, _ = stacked.shape
     # max |R| per sample, without materialising |R| (much faster on CPU than vector_norm(ord=inf, dim=(0, 2)))
     scale = torch.maximum(stacked.amax(dim=2), stacked.amin(dim=2).neg()).amax(dim=0)
@@ -250,7 +266,8 @@ def _nodes(times, n_have: int, target, method: str, order: int, device) -> tuple
 
 
 def denominator_partials(
-    times: Sequence[float] | Tensor, stacked: Tensor, target: float | Tensor, *, method: str = "pade", order: int = 1
+    times: Sequence[float] | Tensor, stacked: Tensor, target: float | Tensor, *, method: str = "pade", order: int = 1,
+    slots: Sequence[int] | None = None,
 ) -> tuple[Tensor, int] | None:
     """This process's share of the denominator fit that ``extrapolate_stacked(times, stacked, target, method=...,
     order=...)`` makes: ``(partials, count)`` with ``partials`` of shape (B, 3), ``[scale, ⟨D[R], D[τR]⟩,
@@ -259,11 +276,14 @@ def denominator_partials(
 
     With the history split across processes (context parallelism: each holds some of the tokens), the combined
     statistics are those of the whole history, and ``extrapolate_stacked(..., fit=combined)`` gives every process
-    the same ``b``.
+    the same ``b``. ``slots``: as for :func:`extrapolate_stacked`.
     """
-    method, _, n_fit, u, _ = _nodes(times, stacked.shape[0], target, method, order, stacked.device)
+    n_have = stacked.shape[0] if slots is None else len(slots)
+    method, _, n_fit, u, _ = _nodes(times, n_have, target, method, order, stacked.device)
     if method != "pade" or n_fit == 1:
         return None
+    if slots is not None:
+        return _fit_partials(u, stacked, list(slots)[-n_fit:]), int(stacked.shape[2])
     return _fit_partials(u, stacked[-n_fit:]), int(stacked.shape[2])
 
 
@@ -281,6 +301,8 @@ def extrapolate_stacked(
     modulation: float | Tensor = 1.0,
     accumulate: torch.dtype = torch.float32,
     fit: tuple[Tensor, Tensor | int] | None = None,
+    slots: Sequence[int] | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """:func:`extrapolate` on a history already stacked by :func:`stack_history` (``per_sample`` is its B).
 
@@ -291,19 +313,32 @@ def extrapolate_stacked(
     the residuals (the fit is float32 either way); float64 holds sums beyond float32's range. ``fit``: the
     denominator statistics to fit ``b`` from (:func:`denominator_partials`, combined over the processes that hold
     the rest of the history); default: this history's own.
+
+    ``slots``: ``stacked`` is a ring of preallocated slots (any dtype; read in float32) and the history is
+    ``stacked[slots[0]], stacked[slots[1]], ...``, oldest first: the slot order is handled by the weights and
+    indices, the ring is never re-stacked (so that its storage stays put, as CUDA graphs need). ``out``: a tensor of
+    the shape and dtype of ``like`` to write the prediction into (and return), for a static input to the predict
+    graph.
     """
     out_dtype = like.dtype
     device = stacked.device
-    method, l_eff, n_fit, u, u_star = _nodes(times, stacked.shape[0], target, method, order, device)
+    n_have = stacked.shape[0] if slots is None else len(slots)
+    method, l_eff, n_fit, u, u_star = _nodes(times, n_have, target, method, order, device)
     if n_fit == 1:
-        return like.clone()
-    stacked = stacked[-n_fit:]
+        return like.clone() if out is None else out.copy_(like)
+    if slots is None:
+        stacked = stacked[-n_fit:]
+        rows = list(stacked.unbind(0))
+        fit_slots = None
+    else:
+        fit_slots = list(slots)[-n_fit:]
+        rows = [stacked[s] for s in fit_slots]
     n_batch = stacked.shape[1]
 
     u_lag = u[-(l_eff + 1):]
     ell = _lagrange_weights(u_lag, u_star)  # (L+1,)
     if method == "pade":
-        partials, count = fit if fit is not None else (_fit_partials(u, stacked), stacked.shape[2])
+        partials, count = fit if fit is not None else (_fit_partials(u, stacked, fit_slots), stacked.shape[2])
         b = _fit_finish(partials, count, u, u_star, eps, pole_margin)
         coeff = ell[None, :] * (1.0 + b[:, None] * u_lag[None, :]) / (1.0 + b[:, None] * u_star)  # (B, L+1)
         # T + μ·(P − T) is linear in the coefficients, and T's coefficients are the Lagrange weights
@@ -317,12 +352,18 @@ def extrapolate_stacked(
     coeff = torch.where(_nodes_distinct(u), coeff, reuse)
     lam = torch.as_tensor(damping, dtype=torch.float32, device=device)
     coeff = lam * coeff + (1.0 - lam) * reuse
-    lag = stacked[-(l_eff + 1):].to(accumulate)
-    pred = coeff[:, :1] * lag[0]
+    lag = [r.to(accumulate) for r in rows[-(l_eff + 1):]]
+    if out is not None and out.dtype == accumulate and out.is_contiguous():
+        pred = out.view(lag[0].shape)  # accumulate in place: the same storage every step
+        torch.mul(coeff[:, :1], lag[0], out=pred)
+    else:
+        pred = coeff[:, :1] * lag[0]
     for j in range(1, l_eff + 1):
-        pred = pred + coeff[:, j:j + 1] * lag[j]
+        pred = pred.add_(coeff[:, j:j + 1] * lag[j]) if out is not None else pred + coeff[:, j:j + 1] * lag[j]
     # no clamp and no nan_to_num here: a combination that overflows stays non-finite, so that the runtime sees it
     # (all_finite) and computes the step instead of stepping with a saturated or zeroed residual
+    if out is not None:
+        return out if pred.data_ptr() == out.data_ptr() else out.copy_(pred.reshape(like.shape))
     return pred.reshape(like.shape).to(out_dtype)
 
 

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from .pade import needed_nodes
 
 Method = Literal["pade", "taylor", "reuse"]
@@ -18,6 +20,8 @@ Schedule = Literal["adaptive", "fixed", "explicit"]
 
 METHODS: tuple[str, ...] = ("pade", "taylor", "reuse")
 SCHEDULES: tuple[str, ...] = ("adaptive", "fixed", "explicit")
+HistoryDtype = Literal["float32", "bfloat16", "float16", "model"]
+HISTORY_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "model")
 MAX_HISTORY = 4
 MAX_ORDER = 2
 
@@ -35,6 +39,10 @@ class Policy:
         per_sample: fit the denominator per batch element instead of once per tensor.
         eps: regulariser of the least-squares denominator fit (relative, data are normalised first).
         pole_margin: δ; the denominator ``1 + b·τ`` must stay above it between the oldest node and the target.
+        history_dtype: the dtype the residual history is stored in: ``"float32"`` (default), ``"bfloat16"``,
+            ``"float16"`` or ``"model"`` (the residual's own dtype, e.g. a bfloat16 model's). The fit and the
+            weighted sum are float32 whatever it is; a narrower store halves the history's memory and costs
+            quality (bench/HISTORY_DTYPE.md).
     Adaptive coefficient modulation:
         modulate_denominator: after each computed step, fit μ ∈ [0, 1] in ``T + μ·(P − T)`` (``P`` the Padé,
             ``T`` its b = 0 polynomial extrapolant on the same nodes) to the residual just computed, and predict
@@ -81,6 +89,7 @@ class Policy:
     per_sample: bool = True
     eps: float = 1e-8
     pole_margin: float = 0.1
+    history_dtype: HistoryDtype = "float32"
     modulate_denominator: bool = True
     modulation_smoothing: float = 0.5
     lambda_min: float = 0.5
@@ -107,6 +116,8 @@ class Policy:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} is not one of {METHODS}")
+        if self.history_dtype not in HISTORY_DTYPES:
+            problems.append(f"history_dtype={self.history_dtype!r} is not one of {HISTORY_DTYPES}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule={self.schedule!r} is not one of {SCHEDULES}")
         for name in ("order", "late_order"):
@@ -166,6 +177,11 @@ class Policy:
             problems.append(f"schedule='explicit' needs mask= a string of 'C' and '.', got {self.mask!r}")
         if problems:
             raise ValueError("invalid TC-Padé policy: " + "; ".join(problems))
+
+    @property
+    def history_torch_dtype(self) -> "torch.dtype | None":
+        """:attr:`history_dtype` as a torch dtype; None for ``"model"`` (the residual's own dtype)."""
+        return None if self.history_dtype == "model" else getattr(torch, self.history_dtype)
 
     def replace(self, **changes) -> "Policy":
         """A copy with some fields changed (validated); the copy is named ``custom``."""

@@ -38,7 +38,7 @@ from .backends import get_backend
 from .controller import StepController
 from .distributed import DivergedDecisionError, ParallelContext, UnsupportedParallelismError, parallel_context
 from .pade import (LOCAL, StatPack, StatReducer, denominator_partials, extrapolate_stacked, modulation_from,
-                   modulation_partials, nonfinite_partial, relative_error_from, relative_error_partials, stack_history)
+                   modulation_partials, nonfinite_partial, relative_error_from, relative_error_partials)
 from .model_state import ModelFingerprint, model_fingerprint
 from .passes import (BlockStackPlan, ShapePlan, VerificationError, bind_call, build_graphs, check_rewrite, flatten_call,
                      time_argument)
@@ -152,14 +152,23 @@ class GraphSet:
 
 @dataclass
 class Branch:
-    """One guidance branch's history: the newest ``history_size`` computed residuals (as one stacked float32
-    tensor, the form :func:`~tcpade_fx.pade.extrapolate_stacked` reads), their times, and its controller."""
+    """One guidance branch's history: the newest ``history_size`` computed residuals, their times, and its controller.
+
+    The residuals live in a static ring (:attr:`ring`, ``(K, B, F)`` with K = ``history_size``, B = batch with
+    per-sample statistics else 1), allocated once per residual shape and updated in place (``copy_`` into the
+    oldest slot): :attr:`slots` lists the slots in use, oldest first, and
+    :func:`~tcpade_fx.pade.extrapolate_stacked` reads the ring through them. The predicted residual is written into
+    :attr:`prediction`, also allocated once per shape. So the extrapolation and the predict graph see the same
+    tensor storage every step (what CUDA graphs need)."""
 
     controller: StepController
     index: int  # order of first appearance in the trajectory
     per_sample: bool = True
+    history_dtype: torch.dtype | None = torch.float32  # the ring's dtype (None: the residual's own)
     times: list[float] = field(default_factory=list)
-    stacked: torch.Tensor | None = None  # (n, B, F): B = batch with per-sample statistics, else 1
+    ring: torch.Tensor | None = None  # (K, B, F), preallocated; slots not in ``slots`` hold stale values
+    slots: list[int] = field(default_factory=list)  # the ring's slots in use, oldest first
+    prediction: torch.Tensor | None = None  # the predicted residual's static buffer (shape and dtype of a residual)
     shape: tuple[int, ...] | None = None  # the residual's shape
     modulation: torch.Tensor | float = 1.0  # μ of Policy.modulate_denominator, one per batch element
     modulation_mean: float = 1.0  # its batch mean, for the stats (read once per fit, not once per predicted step)
@@ -167,28 +176,46 @@ class Branch:
     check_errors: list[float] = field(default_factory=list)  # the newest checked errors (jump detection)
 
     @property
+    def has_history(self) -> bool:
+        return bool(self.slots)
+
+    @property
     def residuals(self) -> list[torch.Tensor]:
-        """The history, oldest first, as views of the stacked store (no copies)."""
-        if self.stacked is None:
-            return []
-        return [r.reshape(self.shape) for r in self.stacked]
+        """The history, oldest first, as views of the ring (no copies)."""
+        return [self.ring[s].reshape(self.shape) for s in self.slots]
+
+    @property
+    def stacked(self) -> torch.Tensor | None:
+        """The history as one (n, B, F) tensor, oldest first: a copy of the ring's slots in use (for readers
+        outside the runtime; the runtime reads :attr:`ring` through :attr:`slots`)."""
+        return self.ring[self.slots] if self.slots else None
 
     @property
     def newest(self) -> torch.Tensor:
-        return self.stacked[-1].reshape(self.shape)
+        return self.ring[self.slots[-1]].reshape(self.shape)
 
     def push(self, time: float, residual: torch.Tensor, keep: int) -> None:
-        flat = stack_history([residual], self.per_sample)
-        kept = self.stacked[-(keep - 1):] if self.stacked is not None and keep > 1 else None
-        self.stacked = flat.clone() if kept is None else torch.cat([kept, flat])
+        rows = residual.shape[0] if self.per_sample and residual.dim() > 0 else 1
+        dtype = self.history_dtype or residual.dtype
+        if (self.ring is None or tuple(residual.shape) != self.shape or self.ring.shape[0] != keep
+                or self.ring.dtype != dtype or self.ring.device != residual.device or self.ring.shape[1] != rows):
+            self.ring = torch.zeros(keep, rows, residual.numel() // rows, dtype=dtype, device=residual.device)
+            self.prediction = torch.empty_like(residual)
+            self.slots = []
+            self.times = []
+        if len(self.slots) < keep:
+            slot = next(k for k in range(keep) if k not in self.slots)
+        else:
+            slot = self.slots.pop(0)
+        self.ring[slot].copy_(residual.reshape(rows, -1))
+        self.slots.append(slot)
         self.times = self.times[-(keep - 1):] + [time] if keep > 1 else [time]
         self.shape = tuple(residual.shape)
 
     def clear_history(self) -> None:
-        """Forget the residuals (and the controller's error state); the step count and plan stay."""
+        """Forget the residuals (and the controller's error state); the step count, plan and buffers stay."""
         self.times = []
-        self.stacked = None
-        self.shape = None
+        self.slots = []
         self.modulation, self.modulation_mean = 1.0, 1.0
         self.check_errors = []
         self.controller.clear_history()
@@ -576,7 +603,8 @@ class TCPadeRuntime:
         key = context if context is not None else self._position
         if key not in self._branches:
             self._branches[key] = Branch(StepController(self.policy, self._num_steps), index=len(self._branches),
-                                         per_sample=self.policy.per_sample)
+                                         per_sample=self.policy.per_sample,
+                                         history_dtype=self.policy.history_torch_dtype)
         return self._branches[key]
 
     def _scheduled_time(self, received: float, dtype: torch.dtype) -> float:
@@ -609,9 +637,10 @@ class TCPadeRuntime:
         fit = self._agree_on_decision(branch, decision, time, order, batch)
         if not decision.compute:
             residual = extrapolate_stacked(
-                branch.times, branch.stacked, time, like=branch.newest, method=p.method,
+                branch.times, branch.ring, time, like=branch.newest, method=p.method,
                 order=order, eps=p.eps, pole_margin=p.pole_margin,
                 damping=decision.damping, modulation=branch.modulation, fit=fit,
+                slots=branch.slots, out=branch.prediction,
             )
             pack = StatPack()
             pack.add("sum", nonfinite_partial(residual))
@@ -626,7 +655,7 @@ class TCPadeRuntime:
         # collective 2 of a computed step: the residual's finiteness and the a-posteriori check's statistics
         pack = StatPack()
         finite_at = pack.add("sum", nonfinite_partial(residual))
-        check = self._check_partials(branch, residual, time, order, fit, pack) if branch.stacked is not None else None
+        check = self._check_partials(branch, residual, time, order, fit, pack) if branch.has_history else None
         reduced = pack.reduce(self._reducer)
         if float(reduced[finite_at]):
             self.stats.notes.append(f"step {step}: block-stack residual not finite, history cleared")
@@ -659,11 +688,12 @@ class TCPadeRuntime:
         batch and zero where unused), so that diverged processes meet in this one collective and raise
         :class:`DivergedDecisionError` instead of entering different graphs' collectives."""
         p = self.policy
-        fit = (denominator_partials(branch.times, branch.stacked, time, method=p.method, order=order)
-               if branch.stacked is not None else None)
+        fit = (denominator_partials(branch.times, branch.ring, time, method=p.method, order=order,
+                                    slots=branch.slots)
+               if branch.has_history else None)
         if self._parallel is None:
             return fit
-        device = branch.stacked.device if branch.stacked is not None else self._device()
+        device = branch.ring.device if branch.has_history else self._device()
         rows = p.per_sample and batch or 1
         if fit is not None:
             rows = max(rows, fit[0].shape[0])
@@ -710,13 +740,13 @@ class TCPadeRuntime:
         the check needs, added to ``pack``: the prediction's relative error, the residual's velocity and, with
         ``modulate_denominator``, the fit of the modulation μ to this residual for the predictions that follow."""
         p = self.policy
-        kw = dict(like=branch.newest, order=order, eps=p.eps, pole_margin=p.pole_margin, fit=fit)
+        kw = dict(like=branch.newest, order=order, eps=p.eps, pole_margin=p.pole_margin, fit=fit, slots=branch.slots)
         found = {}
         if not self._modulates:
-            predicted = extrapolate_stacked(branch.times, branch.stacked, time, method=p.method, **kw)
+            predicted = extrapolate_stacked(branch.times, branch.ring, time, method=p.method, **kw)
         else:
-            pade = extrapolate_stacked(branch.times, branch.stacked, time, method="pade", **kw)
-            taylor = extrapolate_stacked(branch.times, branch.stacked, time, method="taylor", **kw)
+            pade = extrapolate_stacked(branch.times, branch.ring, time, method="pade", **kw)
+            taylor = extrapolate_stacked(branch.times, branch.ring, time, method="taylor", **kw)
             # on the residual's device: a CPU μ of shape (1, 1, ...) would not broadcast against CUDA tensors
             mu = torch.as_tensor(branch.modulation, dtype=torch.float32, device=residual.device)
             # the prediction extrapolate_stacked(modulation=μ) makes, from P and T (which the fit needs anyway)
