@@ -111,9 +111,10 @@ def test_split_regions_shares_the_weights_and_groups_identical_blocks():
     torch.manual_seed(0)
     model = tiny_flux_transformer()
     g = torch.Generator().manual_seed(0)
-    kwargs = dict(hidden_states=torch.randn(1, 16, 8, generator=g),
-                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g), pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.full((1,), 1.0),
-                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)
+    kwargs = {"hidden_states": torch.randn(1, 16, 8, generator=g),
+              "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
+              "pooled_projections": torch.randn(1, 16, generator=g), "timestep": torch.full((1,), 1.0),
+              "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(8, 3), "return_dict": False}
     graphs = build_graphs(model, kwargs, verify=False)
     top = split_regions(graphs.compute)
     assert [(name, len(members)) for name, members in group_regions(top)] == [
