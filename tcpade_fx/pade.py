@@ -147,29 +147,22 @@ def stack_history(residuals: Sequence[Tensor], per_sample: bool = True) -> Tenso
 def _fit_partials(u: Tensor, stacked: Tensor, slots: Sequence[int] | None = None) -> Tensor:
     """This process's share of the denominator fit: per batch row (B, 3) ``[scale, ⟨D[R], D[τR]⟩, ⟨D[τR], D[τR]⟩]``,
     the dot products of the data normalised by ``scale`` (the largest magnitude), i.e. in units of ``scale²``.
-    ``slots``: the rows of ``stacked`` (a ring) that hold the nodes, oldest first; default: all rows in order."""
-    if slots is not None:
-        k, batch, _ = stacked.shape
-        scale = torch.stack([torch.maximum(stacked[s].amax(dim=1), stacked[s].amin(dim=1).neg()) for s in slots])
-        scale = scale.amax(dim=0).float()
-        inv = 1.0 / torch.clamp(scale, min=_TINY)
-        w = _divided_difference_weights(u)
-        # the ring's slot order is handled by the weights: zero on the slots that are not nodes (no re-stacking)
-        weights = torch.zeros(2, k, dtype=torch.float32, device=stacked.device)
-        for j, s in enumerate(slots):
-            weights[0, s] = w[j]
-            weights[1, s] = w[j] * u[j]
-        d = (weights @ stacked.reshape(k, -1).float()).reshape(2, batch, -1) * inv[None, :, None]
-        d_r, d_ur = d[0], d[1]
-        return torch.stack([scale, torch.linalg.vecdot(d_r, d_ur, dim=1), torch.linalg.vecdot(d_ur, d_ur, dim=1)],
-                           1)
-    n, batch, _ = stacked.shape
+    ``slots``: the rows of ``stacked`` (a ring, any float dtype: read in float32) that hold the nodes, oldest first;
+    default: all rows in order."""
+    k, batch, _ = stacked.shape
+    slots = range(k) if slots is None else slots
     # max |R| per sample, without materialising |R| (much faster on CPU than vector_norm(ord=inf, dim=(0, 2)))
-    scale = torch.maximum(stacked.amax(dim=2), stacked.amin(dim=2).neg()).amax(dim=0)
+    scale = torch.stack([torch.maximum(stacked[s].amax(dim=1), stacked[s].amin(dim=1).neg()) for s in slots])
+    scale = scale.amax(dim=0).float()
     inv = 1.0 / torch.clamp(scale, min=_TINY)
     w = _divided_difference_weights(u)
-    weights = torch.stack([w, w * u])  # D[R] and D[τR] in one matmul over the history
-    d = (weights @ stacked.reshape(n, -1)).reshape(2, batch, -1) * inv[None, :, None]
+    # D[R] and D[τR] in one matmul over the ring; its slot order is handled by the weights, zero on the slots that
+    # are not nodes (no re-stacking, and no index tensor copied to the device)
+    weights = torch.zeros(2, k, dtype=torch.float32, device=stacked.device)
+    for j, s in enumerate(slots):
+        weights[0, s] = w[j]
+        weights[1, s] = w[j] * u[j]
+    d = (weights @ stacked.reshape(k, -1).float()).reshape(2, batch, -1) * inv[None, :, None]
     d_r, d_ur = d[0], d[1]
     return torch.stack([scale, torch.linalg.vecdot(d_r, d_ur, dim=1), torch.linalg.vecdot(d_ur, d_ur, dim=1)], 1)
 
