@@ -18,19 +18,13 @@ from pathlib import Path
 import torch
 
 
-def _timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
 def run_demo(args: argparse.Namespace) -> dict:
     from rich.progress import Progress
     from rich.table import Table
 
     import tcpade_fx
     from tcpade_fx import metrics, models
-    from tcpade_fx.demo_video import demo_inputs
+    from tcpade_fx.demo_video import demo_inputs, interleaved_medians
 
     console, out_dir, labels, latents, call = demo_inputs(args)
 
@@ -38,24 +32,17 @@ def run_demo(args: argparse.Namespace) -> dict:
         full = models.load(args.model)
         accelerated = tcpade_fx.compile(models.load(args.model), policy=args.policy, backend=args.backend)
 
-    full_times, fast_times = [], []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("sampling (full and TC-Padé, interleaved)", total=2 * (args.repeats + 1))
         # one warm-up each (capture + verification on the first TC-Padé call), then interleaved timed repeats
-        reference = full(labels, latents=latents, **call).images
-        progress.advance(task)
-        images = accelerated(labels, latents=latents, **call).images
-        progress.advance(task)
-        for _ in range(args.repeats):
-            t, _ = _timed(lambda: full(labels, latents=latents, **call))
-            full_times.append(t)
-            progress.advance(task)
-            t, images = _timed(lambda: accelerated(labels, latents=latents, **call).images)
-            fast_times.append(t)
-            progress.advance(task)
+        medians, outputs = interleaved_medians({
+            "full": lambda: full(labels, latents=latents, **call).images,
+            "tcpade": lambda: accelerated(labels, latents=latents, **call).images,
+        }, args.repeats, advance=lambda: progress.advance(task))
+    reference, images = outputs["full"], outputs["tcpade"]
 
     stats = accelerated.tcpade.stats
-    t_full, t_fast = statistics.median(full_times), statistics.median(fast_times)
+    t_full, t_fast = medians["full"], medians["tcpade"]
     result = {
         "model": args.model,
         "policy": args.policy,

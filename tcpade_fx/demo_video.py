@@ -66,16 +66,23 @@ def frame_accuracy(clips: torch.Tensor, labels: list[int]) -> float:
     return (pred.view(b, f) == torch.tensor(labels)[:, None]).float().mean().item()
 
 
-def interleaved_medians(runs: dict, repeats: int) -> tuple[dict, dict]:
+def interleaved_medians(runs: dict, repeats: int, advance=None) -> tuple[dict, dict]:
     """Run each callable once untimed (warm-up: capture, verification), then ``repeats`` timed rounds of all of them
-    in turn; returns (median seconds, last output) per name."""
-    outputs = {name: fn() for name, fn in runs.items()}
+    in turn; returns (median seconds, last output) per name. ``advance()``, when given, is called after each run
+    (``len(runs) * (repeats + 1)`` times: a progress bar)."""
+    outputs = {}
+    for name, fn in runs.items():
+        outputs[name] = fn()
+        if advance is not None:
+            advance()
     seconds: dict = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
             start = time.perf_counter()
             outputs[name] = fn()
             seconds[name].append(time.perf_counter() - start)
+            if advance is not None:
+                advance()
     return {name: statistics.median(t) for name, t in seconds.items()}, outputs
 
 
