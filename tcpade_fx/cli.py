@@ -215,7 +215,7 @@ def conditioning(pipe, prompts: list[str]) -> tuple[str, list]:
                      "cannot condition it")
 
 
-def _as_images(output) -> torch.Tensor:
+def as_images(output) -> torch.Tensor:
     """A pipeline output (``output_type="np"``: images (B, H, W, C) or video frames (B, F, H, W, C) in [0, 1]) as
     (N, C, H, W) in [-1, 1]; video frames become images."""
     import numpy as np
@@ -345,7 +345,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         call = {key: [conditions[i] for i in chunk], "num_inference_steps": args.steps, "output_type": "np",
                 "generator": [torch.Generator().manual_seed(seeds[i]) for i in chunk], **extra}
         with torch.inference_mode():
-            return _as_images(pipe(**call))
+            return as_images(pipe(**call))
 
     runs: dict[str, dict] = {"full": {"seconds": [], "memory": None}, "tcpade": {"seconds": [], "memory": None}}
     images: dict[str, torch.Tensor] = {}

@@ -112,7 +112,8 @@ def context_parallel_config(module: torch.nn.Module):
 _REDUCERS: dict = {}
 
 
-def _reducer_for(group) -> GroupReducer:
+def reducer_for(group) -> GroupReducer:
+    """The reducer of ``group``, made once per group (tests replace this function to run with other statistics)."""
     reducer = _REDUCERS.get(group)
     if reducer is None:
         reducer = _REDUCERS[group] = GroupReducer(group)
@@ -142,7 +143,7 @@ def parallel_context(module: torch.nn.Module, process_group=None) -> ParallelCon
             return None
         group = mesh.get_group()
         description = f"context parallel (ulysses {cp.ulysses_degree} x ring {cp.ring_degree})"
-    reducer = _reducer_for(group)
+    reducer = reducer_for(group)
     if reducer.world_size == 1:
         return None
     return ParallelContext(reducer, description, key=("parallel", description, reducer.rank, reducer.world_size))

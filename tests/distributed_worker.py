@@ -70,7 +70,7 @@ def run_pipeline(pipe, kwargs, policy_name: str | None):
 def graph_collectives(runtime) -> dict:
     """Functional collectives in the runtime's graphs, by graph and op name."""
     found: dict = {}
-    for graphs in runtime._graph_sets.values():
+    for graphs in [runtime.graphs]:  # the one input signature of these runs
         for which in ("compute", "predict"):
             gm = getattr(graphs, which)
             for node in getattr(gm, "graph", torch.fx.Graph()).nodes:
@@ -112,14 +112,14 @@ def run(name: str, out: Path, rank: int) -> None:
 
     model, *_, reducer = SCENARIOS[name]
     pipe, kwargs = pipeline(model)
-    original_reducer_for = tdist._reducer_for
+    original_reducer_for = tdist.reducer_for
     if reducer == "per_process":
         made = {}
-        tdist._reducer_for = lambda group: made.setdefault(group, per_process_statistics_reducer(group))
+        tdist.reducer_for = lambda group: made.setdefault(group, per_process_statistics_reducer(group))
     try:
         _run(name, out, rank, pipe, kwargs)
     finally:
-        tdist._reducer_for = original_reducer_for
+        tdist.reducer_for = original_reducer_for
 
 
 def _run(name: str, out: Path, rank: int, pipe, kwargs) -> None:

@@ -66,7 +66,7 @@ def test_video_frames_become_images():
     class Out:
         frames = torch.rand(2, 5, 8, 8, 3).numpy()
 
-    images = cli._as_images(Out())
+    images = cli.as_images(Out())
     assert images.shape == (10, 3, 8, 8) and images.min() >= -1 and images.max() <= 1
 
 

@@ -23,7 +23,8 @@ def test_history_and_predict_input_storages_stay_put_over_a_trajectory():
     with torch.no_grad():
         pipe(**call, num_inference_steps=20, generator=gen())  # captures the graphs
     seen = {"ring": set(), "residual": set(), "predicted": 0, "computed": 0, "branches": {}}
-    for graphs in runtime._graph_sets.values():
+    assert runtime.graph_sets == 1
+    for graphs in [runtime.graphs]:
         predict, compute = graphs.predict, graphs.compute
 
         def watched_predict(*leaves, _predict=predict):
