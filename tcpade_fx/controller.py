@@ -37,7 +37,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .pade import effective_order, needed_nodes
 from .policy import Policy
@@ -48,7 +48,7 @@ class Decision:
     """What the controller decided for one step, and why."""
 
     step: int
-    time: float
+    time: float | None  # None only while a step decided before its time was read (see decides_without_time)
     compute: bool
     stage: str
     reason: str
@@ -123,16 +123,27 @@ class StepController:
         return math.prod(abs(time - tj) for tj in nodes)
 
     # -- decision -------------------------------------------------------------------------------------------
-    def decide(self, step: int, time: float) -> Decision:
-        """Decide step ``step`` at model time ``time``; the decision is also appended to ``self.decisions``."""
+    @property
+    def decides_without_time(self) -> bool:
+        """Whether :meth:`decide` can run before the step's time is known (``time=None``): the trajectory's length
+        is known (the stage comes from the step count) and there is no history, so every path computes. The time
+        then comes with :meth:`record_compute` (the runtime reads it with the step's other statistics)."""
+        return self.num_steps is not None and not self.computed_times
+
+    def decide(self, step: int, time: float | None) -> Decision:
+        """Decide step ``step`` at model time ``time``; the decision is also appended to ``self.decisions``.
+        ``time`` may be None where :attr:`decides_without_time`."""
         p = self.policy
-        if self.first_time is None:
-            self.first_time = float(time)
+        if time is None and not self.decides_without_time:
+            raise ValueError("decide(step, None) needs a known num_steps and no history (decides_without_time)")
+        if not self.decisions:
             self.first_step = step
+        if self.first_time is None and time is not None:
+            self.first_time = float(time)
         stage = self.stage(step, time)
         have = len(self.computed_times)
         order = effective_order(p.method, self._stage_order(stage), have) if have else -1
-        common = dict(step=step, time=float(time), stage=stage, order=order)
+        common = dict(step=step, time=None if time is None else float(time), stage=stage, order=order)
 
         def done(compute: bool, reason: str, **extra) -> Decision:
             d = Decision(compute=compute, reason=reason, **common, **extra)
@@ -330,6 +341,10 @@ class StepController:
         """
         p = self.policy
         d = self.decisions[-1] if self.decisions else None
+        if d is not None and d.time is None:  # decided before its time was known (decides_without_time)
+            d = self.decisions[-1] = replace(d, time=float(time))
+        if self.first_time is None:
+            self.first_time = float(time)
         order = d.order if d is not None else -1
         self.transition = False
         self.damping = 1.0

@@ -33,8 +33,10 @@ on one process.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -244,18 +246,52 @@ def extrapolate(
 
 def _nodes(times, n_have: int, target, method: str, order: int, device) -> tuple:
     """What an extrapolation of ``method``/``order`` from ``n_have`` points uses: (method, L, nodes, u, u*) with
-    ``u``/``u*`` the normalised times of the newest nodes and the target (None where it is plain reuse)."""
+    ``u``/``u*`` the normalised times of the newest nodes and the target (None where it is plain reuse).
+
+    Times given as Python numbers (what the runtime has) are normalised on the host (:func:`_host_nodes`, the same
+    float32 operations) and reach ``device`` in one non-blocking copy: a tensor built from Python numbers directly on
+    a CUDA device would be a blocking copy, a host sync per extrapolation."""
     if len(times) != n_have:
         raise ValueError(f"got {len(times)} times for {n_have} stacked residuals")
     method, l_eff = _resolve(method, order, n_have)
     n_fit = needed_nodes(method, l_eff) if l_eff >= 0 else 1
     if n_fit == 1:
         return method, l_eff, 1, None, None
-    t = _as_times(times, device)[-n_fit:]
+    if isinstance(times, Tensor) or isinstance(target, Tensor):
+        t = _as_times(times, device)[-n_fit:]
+        tau = t - t[-1]
+        tau_star = torch.as_tensor(target, dtype=torch.float32, device=device).reshape(()) - t[-1]
+        h = _node_scale(tau, tau_star)
+        return method, l_eff, n_fit, tau / h, tau_star / h
+    nodes = to_device(_host_nodes(tuple(float(x) for x in list(times)[-n_fit:]), float(target)), device)
+    return method, l_eff, n_fit, nodes[:-1], nodes[-1]
+
+
+@functools.lru_cache(maxsize=256)
+def _host_nodes(times: tuple[float, ...], target: float) -> Tensor:
+    """``[u_0, ..., u_{n-1}, u*]`` on the host (float32, as on the device): a step's nodes, computed once per step
+    and shared by the fit, the prediction and the check. Read-only (cached): :func:`to_device` copies it."""
+    t = torch.tensor(times, dtype=torch.float32)
     tau = t - t[-1]
-    tau_star = torch.as_tensor(target, dtype=torch.float32, device=device).reshape(()) - t[-1]
+    tau_star = torch.tensor(target, dtype=torch.float32) - t[-1]
     h = _node_scale(tau, tau_star)
-    return method, l_eff, n_fit, tau / h, tau_star / h
+    return torch.cat([tau / h, (tau_star / h).reshape(1)])
+
+
+def to_device(host: Tensor, device: torch.device | str) -> Tensor:
+    """``host`` (a CPU tensor) on ``device`` without a host sync: a copy of it on the CPU, a non-blocking copy from
+    pinned memory on CUDA (PyTorch's caching host allocator keeps the pinned buffer alive until the copy is done)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host.clone()
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def _float32_complement(x: float) -> float:
+    """``1 − x`` rounded as float32 arithmetic rounds it (what ``1 − tensor(x)`` gives), as a Python float."""
+    return float(np.float32(1.0) - np.float32(x))
 
 
 def denominator_partials(
@@ -302,7 +338,7 @@ def extrapolate_stacked(
     ``like`` is the newest residual (shape and dtype of the result; returned as a copy where the history allows
     only reuse). Only the newest points the method and order need are read. Unlike :func:`extrapolate` the result
     is not clamped: where the combination overflows (or the dtype of ``like`` cannot hold it) it is not finite,
-    for the caller to see (the runtime then computes the step). ``accumulate``: the dtype of the weighted sum of
+    for the caller to see (the runtime then steps with the newest computed residual, :func:`replace_nonfinite_`). ``accumulate``: the dtype of the weighted sum of
     the residuals (the fit is float32 either way); float64 holds sums beyond float32's range. ``fit``: the
     denominator statistics to fit ``b`` from (:func:`denominator_partials`, combined over the processes that hold
     the rest of the history); default: this history's own.
@@ -335,16 +371,22 @@ def extrapolate_stacked(
         b = _fit_finish(partials, count, u, u_star, eps, pole_margin)
         coeff = ell[None, :] * (1.0 + b[:, None] * u_lag[None, :]) / (1.0 + b[:, None] * u_star)  # (B, L+1)
         # T + μ·(P − T) is linear in the coefficients, and T's coefficients are the Lagrange weights
-        mu = torch.as_tensor(modulation, dtype=torch.float32, device=device).reshape(-1, 1)
-        coeff = mu * coeff + (1.0 - mu) * ell[None, :]  # exactly Padé's coefficients at μ = 1
+        if isinstance(modulation, Tensor):
+            mu = modulation.to(device=device, dtype=torch.float32).reshape(-1, 1)
+            coeff = mu * coeff + (1.0 - mu) * ell[None, :]  # exactly Padé's coefficients at μ = 1
+        else:  # a Python number: a kernel argument, no tensor copied to the device
+            coeff = float(modulation) * coeff + _float32_complement(modulation) * ell[None, :]
     else:
         coeff = ell[None, :].expand(n_batch, -1)
     # the safeguards and the damping act on the coefficients, not on the tensors: R̃ = Σ c_j R_j in one pass
     reuse = torch.zeros_like(coeff)
     reuse[:, -1] = 1.0
     coeff = torch.where(_nodes_distinct(u), coeff, reuse)
-    lam = torch.as_tensor(damping, dtype=torch.float32, device=device)
-    coeff = lam * coeff + (1.0 - lam) * reuse
+    if isinstance(damping, Tensor):
+        lam = damping.to(device=device, dtype=torch.float32)
+        coeff = lam * coeff + (1.0 - lam) * reuse
+    else:
+        coeff = float(damping) * coeff + _float32_complement(damping) * reuse
     lag = [r.to(accumulate) for r in rows[-(l_eff + 1):]]
     if out is not None and out.dtype == accumulate and out.is_contiguous():
         pred = out.view(lag[0].shape)  # accumulate in place: the same storage every step
@@ -354,7 +396,7 @@ def extrapolate_stacked(
     for j in range(1, l_eff + 1):
         pred = pred.add_(coeff[:, j:j + 1] * lag[j]) if out is not None else pred + coeff[:, j:j + 1] * lag[j]
     # no clamp and no nan_to_num here: a combination that overflows stays non-finite, so that the runtime sees it
-    # (all_finite) and computes the step instead of stepping with a saturated or zeroed residual
+    # (replace_nonfinite_) and steps with the newest computed residual instead of a saturated or zeroed one
     if out is not None:
         return out if pred.data_ptr() == out.data_ptr() else out.copy_(pred.reshape(like.shape))
     return pred.reshape(like.shape).to(out_dtype)
@@ -394,6 +436,23 @@ def all_finite(x: Tensor) -> bool:
     """Whether every element is finite: ``x·0`` sums to NaN exactly when one is not (5x cheaper than
     ``isfinite(x).all()`` on CPU)."""
     return bool(torch.isfinite((x * 0).sum()))
+
+
+def replace_nonfinite_(prediction: Tensor, fallback: Tensor, *, per_sample: bool = True) -> Tensor:
+    """Where a batch row of ``prediction`` (the whole tensor unless ``per_sample``) has a NaN or infinite element,
+    overwrite that row with ``fallback``'s (in place: the storage stays put); returns how many rows were replaced
+    (a 1-element float32 tensor on the device: nothing is read to the host). The runtime's fallback is the newest
+    computed residual, which is always finite: so a prediction is never stepped with a non-finite residual, without
+    a per-step read of its finiteness."""
+    rows = prediction.shape[0] if per_sample and prediction.dim() > 1 else 1
+    flat = prediction.reshape(rows, -1)
+    bad = ~torch.isfinite((flat * 0).sum(dim=1, keepdim=True))
+    replaced = fallback.reshape(rows, -1).to(prediction.dtype)
+    if flat.data_ptr() == prediction.data_ptr() and prediction.is_contiguous():
+        torch.where(bad, replaced, flat, out=flat)
+    else:
+        prediction.copy_(torch.where(bad, replaced, flat).reshape(prediction.shape))
+    return bad.sum(dtype=torch.float32).reshape(1)
 
 
 def nonfinite_partial(x: Tensor) -> Tensor:
@@ -439,7 +498,8 @@ def modulation_from(partials: Tensor, count: int | Tensor, *, default: float | T
     energy, dot = partials[:, 1], partials[:, 2]
     mu = dot / torch.clamp(energy, min=_TINY)
     noise = count * (_ROUNDING_ULPS * torch.finfo(torch.float32).eps) ** 2
-    fallback = torch.as_tensor(default, dtype=torch.float32, device=mu.device).expand_as(mu)
+    fallback = (default.to(device=mu.device, dtype=torch.float32).expand_as(mu) if isinstance(default, Tensor)
+                else torch.full_like(mu, float(default)))
     return torch.where((energy > noise) & torch.isfinite(mu), mu.clamp(0.0, 1.0), fallback)
 
 

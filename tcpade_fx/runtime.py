@@ -22,6 +22,17 @@ signature (tensor shapes, dtypes, devices and the non-tensor arguments) it build
 
 The compute/predict decision stays in Python, outside every graph, so each graph compiles once. The first call
 of a signature is served by the verified compute graph's own outputs (one reference forward, one compute graph).
+
+Host reads (each one a host sync on CUDA: bench/HOST_SYNCS.md). Driven by a pipeline, a predicted call reads nothing
+and a computed call reads once (:func:`read_scalars`): the step's time is the scheduler's grid value (scaled to the
+model's units by the first received time; the model's own value stays on the device and is checked at the next
+read: a step whose time does not follow restarts the histories, with a note, and the times are read at every call
+from then on); a prediction's non-finite batch rows are replaced on the device by the newest computed residual
+(always finite: a computed residual is checked before it is stored), reported at the next read; the check's error,
+velocity and modulation mean are read together with the residual's finiteness. Node times reach the device in one
+non-blocking copy per extrapolation (:func:`tcpade_fx.pade.to_device`). What is still pending when the trajectory
+ends is read when :attr:`TCPadeRuntime.stats` is read (outside the calls). A bare transformer (no pipeline) reads its
+time off each call's ``timestep``: one read per call more.
 """
 
 from __future__ import annotations
@@ -38,7 +49,8 @@ from .backends import get_backend
 from .controller import StepController
 from .distributed import DivergedDecisionError, ParallelContext, UnsupportedParallelismError, parallel_context
 from .pade import (LOCAL, StatPack, StatReducer, denominator_partials, extrapolate_stacked, modulation_from,
-                   modulation_partials, nonfinite_partial, relative_error_from, relative_error_partials)
+                   modulation_partials, nonfinite_partial, relative_error_from, relative_error_partials,
+                   replace_nonfinite_)
 from .model_state import ModelFingerprint, model_fingerprint
 from .passes import (BlockStackPlan, ShapePlan, VerificationError, bind_call, build_graphs, check_rewrite, flatten_call,
                      time_argument)
@@ -224,24 +236,69 @@ class Branch:
 @dataclass
 class _TimeGrid:
     """One candidate time grid of the scheduler (one value per step) and its scale to the model's units, fixed by
-    the first call; dropped for the rest of the trajectory once a received time does not follow it."""
+    the first received time; dropped for the rest of the trajectory once a received time does not follow it."""
 
     values: list[float]
     scale: float | None = None
     valid: bool = True
 
-    def time(self, step: int, received: float, tolerance: float) -> float | None:
-        if not self.valid or not 0 <= step < len(self.values) or self.values[step] == 0.0:
+    def time(self, step: int) -> float | None:
+        """The step's time in the model's units (None before the scale is known, or where the grid gives 0)."""
+        if not self.valid or self.scale is None or not 0 <= step < len(self.values) or self.values[step] == 0.0:
             return None
-        if self.scale is None:
-            if received == 0.0:
-                return None
+        return self.scale * self.values[step]
+
+    def follows(self, step: int, received: float, tolerance: float) -> bool:
+        """Whether ``received`` (the model's time at ``step``) follows the grid; the first nonzero pair fixes the
+        scale. A grid that does not follow is dropped."""
+        if not self.valid:
+            return False
+        if not 0 <= step < len(self.values):
+            self.valid = False
+        elif self.values[step] == 0.0 or received == 0.0:
+            self.valid = self.values[step] == received
+        elif self.scale is None:
             self.scale = received / self.values[step]
-        time = self.scale * self.values[step]
-        if abs(time - received) <= tolerance * abs(time):
-            return time
-        self.valid = False
-        return None
+        else:
+            time = self.scale * self.values[step]
+            self.valid = abs(time - received) <= tolerance * abs(time)
+        return self.valid
+
+
+@dataclass
+class _PendingTime:
+    """A step stepped at its time from the scheduler's grid; the model's own ``received`` time (a device scalar) is
+    checked against it at the next host read."""
+
+    step: int
+    time: float
+    received: torch.Tensor
+    dtype: torch.dtype
+
+
+@dataclass
+class _PendingFallback:
+    """A predicted call whose residual may have had non-finite rows replaced (``rows``: how many, a device scalar),
+    reported at the next host read."""
+
+    step: int
+    branch: int
+    record: int  # its index in stats.records
+    rows: torch.Tensor
+
+
+def read_scalars(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """The values of small tensors as Python floats, in ONE host read (concatenated on the device first)."""
+    device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+    return torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]).tolist()
+
+
+def _time_tolerance(dtype: torch.dtype) -> float:
+    """How far (relative) a received time may be from its grid time: the received value and the scale each carry
+    one rounding of ``dtype`` (float32 for full-precision and integer timesteps, whose grid values are float32)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 4 * torch.finfo(dtype).eps
+    return 16 * torch.finfo(torch.float32).eps
 
 
 class TCPadeRuntime:
@@ -287,14 +344,13 @@ class TCPadeRuntime:
         self.max_graph_sets = max_graph_sets
         self.process_group = process_group
         self._parallel: ParallelContext | None = None
-        self.stats = TCPadeStats()
+        self._stats = TCPadeStats()
         self._graph_sets: OrderedDict[Any, GraphSet] = OrderedDict()  # least recently used first
         self._aliases: dict[Any, Any] = {}  # exact signature -> key of the graph set that runs it
         self._current_signature: Any = None
         self._num_steps: int | None = None
         self._driven = False
         self._time_grids: list[_TimeGrid] = []
-        self._rounded_times_noted = False
         self._step_index: Callable[[], int | None] | None = None
         # exported graphs carry their own weights: a model change cannot be followed, only refused
         self._fingerprint: ModelFingerprint | None = model_fingerprint(module) if graph_source else None
@@ -310,6 +366,12 @@ class TCPadeRuntime:
         self._last_time: float | None = None
         self._position = 0  # the call's position within its step
         self._step_pending = True
+        # pipeline-driven times: each step's time comes from the scheduler's grid, the model's own value is read with
+        # the next computed call's statistics (one host read per computed call, none per predicted call)
+        self._received: dict[int, float] = {}  # the model's times read so far, by step
+        self._pending_times: list[_PendingTime] = []  # steps stepped at grid times, not yet checked
+        self._pending_fallbacks: list[_PendingFallback] = []  # predicted calls whose finiteness is not yet read
+        self._read_times = False  # the model's times do not follow the grid: read at every call
 
     def begin(
         self,
@@ -329,21 +391,21 @@ class TCPadeRuntime:
         bfloat16, whose rounding would distort the gaps between steps or even merge two steps, the time used is
         the first candidate that the received values follow up to that rounding, scaled to the model's units.
         """
+        self._flush_pending()
         self.reset()
         # notes taken since the last begin() with no call in between (a pipeline begins twice) carry over
-        carried = [n for n in ([] if self.stats.records else self.stats.notes) if n not in self.standing_notes]
-        self.stats = TCPadeStats(compiles=self.stats.compiles, notes=[*self.standing_notes, *carried])
-        if self._parallel is not None and self._parallel_note(self._parallel) not in self.stats.notes:
-            self.stats.notes.append(self._parallel_note(self._parallel))
+        carried = [n for n in ([] if self._stats.records else self._stats.notes) if n not in self.standing_notes]
+        self._stats = TCPadeStats(compiles=self._stats.compiles, notes=[*self.standing_notes, *carried])
+        if self._parallel is not None and self._parallel_note(self._parallel) not in self._stats.notes:
+            self._stats.notes.append(self._parallel_note(self._parallel))
         self.follow_model()
         self._num_steps = num_steps
         if num_steps is not None and num_steps < self.policy.min_steps:
-            self.stats.notes.append(
+            self._stats.notes.append(
                 f"{num_steps} steps, fewer than Policy.min_steps={self.policy.min_steps}: every step computed (caching "
                 "a few-step model costs quality for little gain; lower min_steps to cache anyway)")
         self._driven = schedule is not None
         self._time_grids = [_TimeGrid([float(v) for v in grid]) for grid in schedule or ()]
-        self._rounded_times_noted = False
         self._step_index = step_index
 
     def follow_model(self) -> bool:
@@ -368,7 +430,7 @@ class TCPadeRuntime:
                 "weights they were exported with. Export again (tcpade_fx.export.to_onnx/to_tensorrt) with the "
                 "model as it is now, or tcpade_fx.compile(pipe) to follow model changes"
             )
-        self.stats.notes.append(f"model changed since the graphs were captured ({change}): "
+        self._stats.notes.append(f"model changed since the graphs were captured ({change}): "
                                 f"{len(self._graph_sets)} graph set(s) dropped, re-captured at the next call")
         self.clear_graphs()
         self._fingerprint = None
@@ -386,6 +448,20 @@ class TCPadeRuntime:
         self._step_pending = True
 
     # -- introspection ---------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> TCPadeStats:
+        """What the runtime did since the last trajectory began: records, notes, compile counts. Reading it first
+        reads what is still pending on the device (whether the last predictions were finite, whether the model's
+        own times of the last steps followed the scheduler's grid): at most one host read, outside the transformer
+        calls, and only where something is pending."""
+        self._flush_pending()
+        return self._stats
+
+    @property
+    def current_stats(self) -> TCPadeStats:
+        """The stats as they stand, without reading what is pending on the device (for hooks inside a call)."""
+        return self._stats
+
     @property
     def graphs(self) -> GraphSet | None:
         """The graph set of the current input signature (None before the first call)."""
@@ -418,9 +494,9 @@ class TCPadeRuntime:
         graphs = build_graphs(self.module, kwargs, forward=forward, block_prefixes=self.block_prefixes,
                               verify=self.verify, dynamic=self.dynamic_shapes and self._parallel is None)
         self._fingerprint = model_fingerprint(self.module)
-        self.stats.captures += 1
+        self._stats.captures += 1
         shape_notes = graphs.shapes.notes if graphs.shapes is not None else []  # which axes are dynamic: see .shapes
-        self.stats.notes.extend(n for n in graphs.notes if n not in shape_notes)
+        self._stats.notes.extend(n for n in graphs.notes if n not in shape_notes)
         compile_graph, options = self.backend.compile_graph, self.backend_options
         return GraphSet(
             plan=graphs.plan,
@@ -456,7 +532,7 @@ class TCPadeRuntime:
             while len(self._graph_sets) > self.max_graph_sets:
                 old, _ = self._graph_sets.popitem(last=False)
                 self._aliases = {s: k for s, k in self._aliases.items() if k != old}
-                self.stats.notes.append(f"graph set of an earlier input signature dropped (least recently used; "
+                self._stats.notes.append(f"graph set of an earlier input signature dropped (least recently used; "
                                         f"max_graph_sets={self.max_graph_sets})")
         self._aliases[signature] = key
         self._graph_sets.move_to_end(key)
@@ -498,7 +574,7 @@ class TCPadeRuntime:
                 "tcpade_fx.compile(pipe) with context parallelism.")
         key = parallel.key if parallel is not None else None
         if key != (self._parallel.key if self._parallel is not None else None):
-            self.stats.notes.append(self._parallel_note(parallel))
+            self._stats.notes.append(self._parallel_note(parallel))
         self._parallel = parallel
         return parallel
 
@@ -520,18 +596,18 @@ class TCPadeRuntime:
             with torch.no_grad():
                 checked = check_rewrite(reference, graphs.compute, graphs.predict, leaves, graphs.plan, exact=False)
         except VerificationError as exc:
-            self.stats.notes.append(f"the dynamic-shape graphs do not reproduce a new input shape ({exc}): "
+            self._stats.notes.append(f"the dynamic-shape graphs do not reproduce a new input shape ({exc}): "
                                     "captured for it instead")
             return False
         if checked.compute_difference:
-            self.stats.notes.append(f"dynamic-shape graphs at a new input shape differ from the eager forward by "
+            self._stats.notes.append(f"dynamic-shape graphs at a new input shape differ from the eager forward by "
                                     f"{checked.compute_difference:.1e} (relative), within the verification tolerance")
         graphs.verified.add(signature)
         graphs.first_outputs = (*checked.outputs, checked.residual)
         return True
 
     def _count_compile(self, name: str) -> None:
-        self.stats.compiles[name] = self.stats.compiles.get(name, 0) + 1
+        self._stats.compiles[name] = self._stats.compiles.get(name, 0) + 1
 
     # -- the call --------------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -545,9 +621,11 @@ class TCPadeRuntime:
         self._model_checked = False
         parallel = self._follow_parallel()
         timestep = kwargs.get(time_argument(kwargs) or "timestep")
-        if (not self._driven and isinstance(timestep, torch.Tensor) and self._last_time is not None
-                and float(timestep.reshape(-1)[0]) > self._last_time):
-            self.follow_model()  # a bare transformer's new trajectory: where begin() would have checked
+        bare_time = None  # a bare transformer's time: its one read per call
+        if not self._driven and isinstance(timestep, torch.Tensor):
+            bare_time = float(timestep.reshape(-1)[0])
+            if self._last_time is not None and bare_time > self._last_time:
+                self.follow_model()  # a bare transformer's new trajectory: where begin() would have checked
         current = self.graphs
         leaves, spec = flatten_call((), kwargs, current.in_spec if current else None)
         signature = self._signature_of(leaves, spec)
@@ -556,29 +634,31 @@ class TCPadeRuntime:
         graphs, captured = self._graph_set_for(signature, leaves, kwargs, forward)
         self._current_signature = signature
         timestep = leaves[graphs.timestep_position]
-        time = float(timestep.reshape(-1)[0])
-        branch = self._advance(time, context)
-        if self._driven and timestep.dtype in (torch.float16, torch.bfloat16):
-            time = self._scheduled_time(time, timestep.dtype)
+        if self._driven:
+            branch = self._advance(None, context)
+            time, deferred = self._driven_time(timestep, branch)
+        else:
+            time, deferred = float(timestep.reshape(-1)[0]) if bare_time is None else bare_time, None
+            branch = self._advance(time, context)
         if branch.signature != signature:
             # a history is only valid for the signature it was computed with; the trajectory (step count, stage,
             # budget) goes on. Per branch: true CFG whose two prompts differ in length keeps both histories.
-            where = f"call {len(self.stats.records)} (step {self._step}, branch {branch.index})"
+            where = f"call {len(self._stats.records)} (step {self._step}, branch {branch.index})"
             if branch.signature is not None:
-                self.stats.notes.append(f"input signature changed at {where}: graphs "
+                self._stats.notes.append(f"input signature changed at {where}: graphs "
                                         f"{'re-captured' if captured else 'reused'}, its history reset")
                 branch.clear_history()
             elif captured and len(self._graph_sets) > 1:
-                self.stats.notes.append(f"new input signature at {where}: graphs re-captured "
+                self._stats.notes.append(f"new input signature at {where}: graphs re-captured "
                                         f"({len(self._graph_sets)} signatures kept)")
             branch.signature = signature
         hidden = kwargs.get("hidden_states")
         batch = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else 1
         with torch.no_grad():
-            flat = self._run(graphs, branch, leaves, time, context, batch)
+            flat = self._run(graphs, branch, leaves, time, context, batch, deferred)
         return pytree.tree_unflatten(list(flat), graphs.out_spec)
 
-    def _advance(self, time: float, context: str | None) -> Branch:
+    def _advance(self, time: float | None, context: str | None) -> Branch:
         if self._driven:
             if self._step_pending:
                 index = self._step_index() if self._step_index is not None else None
@@ -591,8 +671,8 @@ class TCPadeRuntime:
             self._position += 1
         else:
             if self._last_time is not None and time > self._last_time:
-                self.stats.notes.append(
-                    f"timestep went up ({self._last_time:g} -> {time:g}) at call {len(self.stats.records)}: "
+                self._stats.notes.append(
+                    f"timestep went up ({self._last_time:g} -> {time:g}) at call {len(self._stats.records)}: "
                     "treated as a new trajectory, histories reset"
                 )
                 self.reset()
@@ -607,24 +687,109 @@ class TCPadeRuntime:
                                          history_dtype=self.policy.history_torch_dtype)
         return self._branches[key]
 
-    def _scheduled_time(self, received: float, dtype: torch.dtype) -> float:
-        """The step's time from the scheduler's grid, in the model's units, where the rounded ``received`` value
-        follows it; ``received`` itself (with a note, once) where no grid does."""
-        tolerance = 4 * torch.finfo(dtype).eps  # the received value and the scale each carry one rounding
-        for grid in self._time_grids:
-            time = grid.time(self._step, received, tolerance)
-            if time is not None:
-                return time
-        if not self._rounded_times_noted:
-            self._rounded_times_noted = True
-            self.stats.notes.append(
-                f"step {self._step}: the {dtype} timestep {received:g} does not follow the scheduler's time grid; "
-                "extrapolating on the rounded model times (pass the timestep in float32 for exact gaps)"
-            )
+    def _driven_time(self, timestep: torch.Tensor, branch: Branch) -> tuple[float | None, torch.Tensor | None]:
+        """The time of a pipeline-driven call, without a host read where possible: ``(time, None)``, or ``(None,
+        received)`` where the step is decided without its time (no history: it computes) and the model's time is
+        read with the call's statistics (:meth:`_run`).
+
+        The time is the scheduler's grid value at the step, scaled to the model's units (the scale fixed by the
+        first received time); the model's own value is kept on the device and checked at the next host read. Where
+        no grid is known to hold (no scale yet, a zero grid value, a grid the model's times do not follow, or grids
+        that disagree: a DPM solver's sigmas and timesteps, told apart by the second step's time) the received time
+        is read (one host read)."""
+        step, dtype = self._step, timestep.dtype
+        if step in self._received:  # read already for this step (an earlier branch): no read
+            return self._resolved_time(step, self._received[step], dtype), None
+        grid_time = None if self._read_times else self._grid_time(step, dtype)
+        received = timestep.detach().reshape(-1)[:1].to(torch.float64, copy=True)
+        if grid_time is not None:
+            if all(p.step != step for p in self._pending_times):
+                self._pending_times.append(_PendingTime(step, grid_time, received, dtype))
+            return grid_time, None
+        if not self._read_times and self._time_grids and branch.controller.decides_without_time:
+            return None, received
+        self._received[step] = float(received)  # a host read: no grid time to step with
+        return self._resolved_time(step, self._received[step], dtype), None
+
+    def _grid_time(self, step: int, dtype: torch.dtype) -> float | None:
+        """The step's time on the grids still in play, where they agree (grids not proportional to each other, e.g.
+        a DPM solver's sigmas and timesteps, agree only once a received time has dropped the others); None where
+        they do not, or where no grid has a scale yet."""
+        times = [t for t in (g.time(step) for g in self._time_grids) if t is not None]
+        if not times or any(abs(t - times[0]) > _time_tolerance(dtype) * abs(times[0]) for t in times[1:]):
+            return None
+        if len(times) < sum(g.valid for g in self._time_grids):  # a grid still in play has no scale yet
+            return None
+        return times[0]
+
+    def _resolved_time(self, step: int, received: float, dtype: torch.dtype) -> float:
+        """The step's time from the model's ``received`` one: the first grid it follows (at the grid's exact
+        value, free of the model's rounding), else ``received`` itself, with a note (once): the times are then
+        read at every call."""
+        tolerance = _time_tolerance(dtype)
+        following = [grid for grid in self._time_grids if grid.follows(step, received, tolerance)]  # all checked
+        if following:
+            time = following[0].time(step)
+            return received if time is None else time
+        if not self._read_times:
+            self._read_times = True
+            if dtype in (torch.float16, torch.bfloat16):
+                self._stats.notes.append(
+                    f"step {step}: the {dtype} timestep {received:g} does not follow the scheduler's time grid; "
+                    "extrapolating on the rounded model times (pass the timestep in float32 for exact gaps)")
+            elif self._time_grids:
+                self._stats.notes.append(
+                    f"step {step}: the model's timestep {received:g} does not follow the scheduler's time grid "
+                    "(neither its sigmas nor its timesteps, scaled): read from the model's input at every call from "
+                    "here (one host read per call)")
         return received
 
-    def _run(self, graphs: GraphSet, branch: Branch, leaves: list, time: float, context: str | None,
-             batch: int = 1) -> tuple:
+    def _check_pending_times(self, times: list[_PendingTime], values: list[float]) -> int | None:
+        """Check the steps stepped at grid times against the model's own (now read) times. Returns the first step
+        whose time did not follow (with a note, histories restarted, times read at every call from here), else
+        None."""
+        for pending, received in zip(times, values):
+            self._received[pending.step] = received
+            time = self._resolved_time(pending.step, received, pending.dtype)
+            if abs(time - pending.time) > _time_tolerance(pending.dtype) * abs(pending.time):
+                self._stats.notes.append(
+                    f"step {pending.step}: the model's timestep {received:g} is not the scheduler's grid time "
+                    f"{pending.time:g} it was stepped at (and steps after it up to this check, step {self._step}); "
+                    "every history restarted, the times read at every call from here")
+                for branch in self._branches.values():
+                    branch.clear_history()
+                return pending.step
+        return None
+
+    def _flush_pending(self) -> None:
+        """Read what the device still holds for the notes (one host read, where anything is pending)."""
+        times, fallbacks = self._pending_times, self._pending_fallbacks
+        if not times and not fallbacks:
+            return
+        self._pending_times, self._pending_fallbacks = [], []
+        values = read_scalars([*(f.rows for f in fallbacks), *(p.received for p in times)])
+        self._note_fallbacks(fallbacks, values[:len(fallbacks)])
+        self._check_pending_times(times, values[len(fallbacks):])
+
+    @property
+    def _process_share(self) -> str:
+        return "" if self._parallel is None else f", in process {self._parallel.rank}'s share of the tokens"
+
+    def _note_fallbacks(self, fallbacks: list[_PendingFallback], rows: list[float]) -> None:
+        for pending, replaced in zip(fallbacks, rows):
+            if replaced:
+                self._stats.notes.append(
+                    f"step {pending.step}: predicted residual not finite in {replaced:g} batch row(s) (branch "
+                    f"{pending.branch}{self._process_share}): the newest computed residual used there instead")
+                record = self._stats.records[pending.record]
+                record.reason += "; not finite: the newest computed residual used"
+
+    def _run(self, graphs: GraphSet, branch: Branch, leaves: list, time: float | None, context: str | None,
+             batch: int = 1, deferred: torch.Tensor | None = None) -> tuple:
+        """Decide, then predict or compute. A predicted call reads nothing to the host; a computed call reads once
+        (:func:`read_scalars`): its residual's finiteness, the check's error and velocity, the modulation's mean,
+        and what earlier calls left pending (their predictions' finiteness, the model's times). ``time`` is None,
+        with the model's time in ``deferred``, where the step is decided before its time is known."""
         p = self.policy
         step = self._step
         decision = branch.controller.decide(step, time)
@@ -642,31 +807,54 @@ class TCPadeRuntime:
                 damping=decision.damping, modulation=branch.modulation, fit=fit,
                 slots=branch.slots, out=branch.prediction,
             )
-            pack = StatPack()
-            pack.add("sum", nonfinite_partial(residual))
-            (nonfinite,) = pack.reduce(self._reducer)  # collective 2 of a predicted step
-            if not float(nonfinite):
-                out = graphs.predict(*leaves, residual)
-                branch.controller.record_predict()
-                self._record(**record, modulation=branch.modulation_mean if self._modulates else None)
-                return out
-            self.stats.notes.append(f"step {step}: predicted residual not finite, computed instead")
+            # never stepped with a non-finite residual, without a read: such rows become the newest computed
+            # residual's (always finite), reported at the next read
+            rows = replace_nonfinite_(residual, branch.newest, per_sample=p.per_sample)
+            self._pending_fallbacks.append(_PendingFallback(step, branch.index, len(self._stats.records), rows))
+            out = graphs.predict(*leaves, residual)
+            branch.controller.record_predict()
+            self._record(**record, modulation=branch.modulation_mean if self._modulates else None)
+            return out
         *out, residual = first if first is not None else graphs.compute(*leaves)
-        # collective 2 of a computed step: the residual's finiteness and the a-posteriori check's statistics
+        # collective 2 of a computed step: the residual's finiteness (as the history stores it) and the a-posteriori
+        # check's statistics; then the call's one host read, with what earlier calls left pending (this process's
+        # own: which rows of its share of a prediction were replaced, the model's times)
         pack = StatPack()
-        finite_at = pack.add("sum", nonfinite_partial(residual))
+        stored = residual if branch.history_dtype in (None, residual.dtype) else residual.to(branch.history_dtype)
+        finite_at = pack.add("sum", nonfinite_partial(stored))
         check = self._check_partials(branch, residual, time, order, fit, pack) if branch.has_history else None
+        fallbacks, self._pending_fallbacks = self._pending_fallbacks, []
+        times, self._pending_times = self._pending_times, []
         reduced = pack.reduce(self._reducer)
-        if float(reduced[finite_at]):
-            self.stats.notes.append(f"step {step}: block-stack residual not finite, history cleared")
+        scalars = [reduced[finite_at]]
+        if check is not None:
+            scalars += self._check_scalars(branch, check, reduced)
+        scalars += [f.rows for f in fallbacks] + [t.received for t in times]
+        if deferred is not None:
+            scalars.append(deferred)
+        values = read_scalars(scalars)  # the call's one host read
+        nonfinite, values = values[0], values[1:]
+        if check is not None:
+            check_values, values = values[:3 if "modulation" in check else 2], values[3 if "modulation" in check else 2:]
+        self._note_fallbacks(fallbacks, values[:len(fallbacks)])
+        values = values[len(fallbacks):]
+        if deferred is not None:
+            self._received[step] = values.pop()
+            time = record["time"] = self._resolved_time(step, self._received[step], deferred.dtype)
+        restarted = self._check_pending_times(times, values)
+        if restarted is not None:  # the grid time this call was stepped at was not the model's: its check too
+            check = None
+            time = record["time"] = self._received.get(step, time)
+        if nonfinite:
+            self._stats.notes.append(f"step {step}: block-stack residual not finite, history cleared")
             branch.clear_history()
             self._record(**record, computed=True)
             return out
         check_error = velocity = None
         if check is not None:
-            check_error, velocity = self._finish_check(branch, time, check, reduced)
+            check_error, velocity = self._finish_check(branch, time, check, check_values)
         if check_error is not None and self._is_jump(branch, check_error):
-            self.stats.notes.append(
+            self._stats.notes.append(
                 f"step {step} (branch {branch.index}): the checked error {check_error:.3g} is "
                 f"{check_error / statistics.median(branch.check_errors):.0f}x its recent level: what conditions the "
                 "blocks changed regime, history restarted from this step")
@@ -715,7 +903,7 @@ class TCPadeRuntime:
             differ = ", ".join(f"{n} {a:g}..{b:g}" for n, a, b in zip(names, lo, hi) if a != b)
             raise DivergedDecisionError(
                 f"the {self._parallel.description} processes reached different decisions at call "
-                f"{len(self.stats.records)} (this is process {self._parallel.rank}, which has "
+                f"{len(self._stats.records)} (this is process {self._parallel.rank}, which has "
                 f"{dict(zip(names, seen))}, error estimate {decision.error_estimate}, tolerance "
                 f"{decision.tolerance}; across the group: {differ}). They would enter different graphs' "
                 "collectives and deadlock, so every process stops here. Every process must run the same "
@@ -748,35 +936,46 @@ class TCPadeRuntime:
             pade = extrapolate_stacked(branch.times, branch.ring, time, method="pade", **kw)
             taylor = extrapolate_stacked(branch.times, branch.ring, time, method="taylor", **kw)
             # on the residual's device: a CPU μ of shape (1, 1, ...) would not broadcast against CUDA tensors
-            mu = torch.as_tensor(branch.modulation, dtype=torch.float32, device=residual.device)
+            mu = (branch.modulation.to(device=residual.device, dtype=torch.float32)
+                  if isinstance(branch.modulation, torch.Tensor)
+                  else torch.full((1,), float(branch.modulation), device=residual.device))
             # the prediction extrapolate_stacked(modulation=μ) makes, from P and T (which the fit needs anyway)
             predicted = (taylor + mu.reshape(-1, *[1] * (taylor.dim() - 1)) * (pade - taylor)).to(taylor.dtype)
             partials, count = modulation_partials(residual, pade, taylor, per_sample=p.per_sample)
             found["mu"], found["count"] = mu, count
-            found["modulation"] = pack.add("scaled", partials), pack.add("sum", torch.tensor([float(count)]))
+            found["modulation"] = pack.add("scaled", partials), pack.add(
+                "sum", torch.full((1,), float(count), device=residual.device))
         found["error"] = pack.add("norm", relative_error_partials(residual, predicted, per_sample=p.per_sample))
         found["velocity"] = pack.add("norm", relative_error_partials(residual, branch.newest, per_sample=False))
         return found
 
-    def _finish_check(self, branch: Branch, time: float, check: dict, reduced: list) -> tuple:
-        """The checked error and velocity from the reduced statistics; updates the branch's modulation."""
-        check_error = float(relative_error_from(reduced[check["error"]]).max())
-        velocity = None
-        dt = abs(time - branch.times[-1])
-        if dt > 0:
-            velocity = float(relative_error_from(reduced[check["velocity"]]).max()) / dt
+    def _check_scalars(self, branch: Branch, check: dict, reduced: list) -> list[torch.Tensor]:
+        """The check's results as device scalars for the call's read: the checked error and the velocity (both the
+        batch maximum), and with the modulation fit the batch mean of the modulation it would set (kept in
+        ``check["fitted"]`` until the read says the step is finite)."""
+        scalars = [relative_error_from(reduced[check["error"]]).max(), relative_error_from(reduced[check["velocity"]]).max()]
         if "modulation" in check:
             at, count_at = check["modulation"]
             mu = check["mu"]
             count = reduced[count_at][0] if self._parallel is not None else check["count"]
             fitted = modulation_from(reduced[at], count, default=mu)
             a = self.policy.modulation_smoothing
-            branch.modulation = a * fitted + (1 - a) * mu
-            branch.modulation_mean = float(branch.modulation.mean())
+            check["fitted"] = a * fitted + (1 - a) * mu
+            scalars.append(check["fitted"].mean())
+        return scalars
+
+    def _finish_check(self, branch: Branch, time: float, check: dict, values: list[float]) -> tuple:
+        """The checked error and velocity from the read values; updates the branch's modulation."""
+        check_error, velocity = values[0], None
+        dt = abs(time - branch.times[-1])
+        if dt > 0:
+            velocity = values[1] / dt
+        if "fitted" in check:
+            branch.modulation, branch.modulation_mean = check["fitted"], values[2]
         return check_error, velocity
 
     def _record(self, step, branch, context, time, decision, check_error=None, computed=False, modulation=None):
-        self.stats.records.append(StepRecord(
+        self._stats.records.append(StepRecord(
             step=step, branch=branch, time=time, computed=computed, stage=decision.stage, reason=decision.reason,
             order=decision.order, damping=decision.damping, modulation=modulation,
             error_estimate=decision.error_estimate, check_error=check_error, context=context,

@@ -209,7 +209,7 @@ _READ_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "ate
 class HostTransfer:
     """One read of a tensor's value into Python or one copy between host and device, seen while counting."""
 
-    kind: str  # "read" (item(), float(), bool(), tolist(), torch.equal), "to_host" or "to_device" (copies)
+    kind: str  # "read" (item(), float(), bool(), tolist(), torch.equal), "to_host", "to_device" or "staged" (copies)
     op: str  # the aten op or Tensor method
     device: str  # the tensor's device type ("cpu", "cuda", ...); for "to_device" the destination's
     call: int | None  # index into HostSyncCounter.calls, None outside a call of the watched modules
@@ -236,8 +236,10 @@ class HostSyncCounter:
     """Counts host syncs while active: every read of a tensor's value into Python (``aten._local_scalar_dense``,
     which ``.item()``, ``float()``, ``int()``, ``bool()`` and ``if tensor:`` all reach, or ``aten.item`` /
     ``aten.is_nonzero`` under ``torch.inference_mode``; ``aten.equal``;
-    ``Tensor.tolist()``), every device-to-host copy, and (apart) every host-to-device copy and tensor built from
-    Python numbers (``torch.tensor``/``torch.as_tensor`` of floats: a blocking copy when it is bound for CUDA).
+    ``Tensor.tolist()``), every device-to-host copy, and (apart) every blocking host-to-device copy and tensor built
+    from Python numbers for a device (``torch.tensor``/``torch.as_tensor`` of floats with ``device=``: a blocking
+    copy when it is bound for CUDA). Not counted: a tensor built from Python numbers on the host (no ``device``),
+    and a ``non_blocking`` copy (:attr:`staged`: from pinned memory it does not block the host).
     Ops on the fake tensors of a torch.export trace are not counted.
 
     On a CPU-only run every read counts, as it would on the device it stands in for (``device`` says which
@@ -271,8 +273,13 @@ class HostSyncCounter:
 
     @property
     def to_device(self) -> int:
-        """Host-to-device copies and tensors built from Python numbers."""
+        """Blocking host-to-device copies and tensors built from Python numbers for a device."""
         return sum(e.kind == "to_device" for e in self.events)
+
+    @property
+    def staged(self) -> int:
+        """Non-blocking host-to-device copies (none on a CPU-only run, where nothing is copied)."""
+        return sum(e.kind == "staged" for e in self.events)
 
     @property
     def outside(self) -> int:
@@ -321,7 +328,7 @@ class HostSyncCounter:
                 c.reads += 1
             elif kind == "to_host":
                 c.to_host += 1
-            else:
+            elif kind == "to_device":
                 c.to_device += 1
 
     def _pre_hook(self, name: str):
@@ -329,7 +336,8 @@ class HostSyncCounter:
             self._depth += 1
             if self._depth > 1:  # a watched module called inside a watched call (a capture tracing it): same call
                 return None
-            stats = getattr(getattr(mod, "tcpade", None), "stats", None)
+            runtime = getattr(mod, "tcpade", None)  # current_stats: reading .stats would read what is pending
+            stats = runtime.current_stats if hasattr(runtime, "current_stats") else getattr(runtime, "stats", None)
             self._before = (stats, len(stats.records), stats.captures) if stats is not None else None
             self.calls.append(CallSyncs(name, "plain"))
             self._current = len(self.calls) - 1
@@ -373,13 +381,14 @@ class HostSyncCounter:
                     if src != "cpu" and dst == "cpu":
                         counter._add("to_host", name, src)
                     elif src == "cpu" and dst != "cpu":
-                        counter._add("to_device", name, dst)
+                        counter._add("staged" if kwargs.get("non_blocking") else "to_device", name, dst)
                 elif name == "aten::copy_" and len(args) > 1 and real(args[0]) and real(args[1]):
                     dst, src = args[0].device.type, args[1].device.type
                     if src != "cpu" and dst == "cpu":
                         counter._add("to_host", name, src)
                     elif src == "cpu" and dst != "cpu":
-                        counter._add("to_device", name, dst)
+                        counter._add("staged" if (len(args) > 2 and args[2]) or kwargs.get("non_blocking") else "to_device",
+                                     name, dst)
                 return func(*args, **kwargs)
 
         class _Function(TorchFunctionMode):
@@ -388,10 +397,10 @@ class HostSyncCounter:
                 kwargs = kwargs or {}
                 if func is torch.Tensor.tolist and args and real(args[0]):
                     counter._add("read", "Tensor.tolist", args[0].device.type)
-                elif func in (torch.tensor, torch.as_tensor) and args and not isinstance(args[0], torch.Tensor):
-                    device = kwargs.get("device")
+                elif (func in (torch.tensor, torch.as_tensor) and args and not isinstance(args[0], torch.Tensor)
+                      and kwargs.get("device") is not None):
                     counter._add("to_device", f"torch.{func.__name__}(python data)",
-                                 torch.device(device).type if device is not None else "cpu")
+                                 torch.device(kwargs["device"]).type)
                 return func(*args, **kwargs)
 
         for name, module in self.modules.items():

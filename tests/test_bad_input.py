@@ -225,33 +225,42 @@ def test_a_nan_residual_clears_the_history_and_is_reported():
     assert any(not r.computed for r in stats.records[k + 1:])
 
 
-def test_a_non_finite_prediction_is_computed_instead_and_reported(monkeypatch):
+def test_a_non_finite_prediction_steps_with_the_newest_residual_and_is_reported(monkeypatch):
+    """No host read of a prediction's finiteness (issue 15): a non-finite predicted residual is replaced on the
+    device by the newest computed one, and the next read reports it."""
     module, kwargs = tiny_dit()
     ts = times()
     tcpade_fx.compile(module, "balanced")
     runtime = module.tcpade
     runtime.begin(STEPS)
-    reference = [call(module, kwargs, t) for t in ts]
+    [call(module, kwargs, t) for t in ts]
     schedule = runtime.stats.decisions()
     k = schedule.index(".")
+    time_k = runtime.stats.records[k].time
     real = tcpade_fx.runtime.extrapolate_stacked
 
-    def overflowing(*args, **kw):  # what a float16 cast of a huge extrapolation gives
-        return torch.full_like(real(*args, **kw), float("inf"))
+    def replaced_at_step_k(fill):
+        def extrapolate(times_, stacked, target, **kw):
+            pred = real(times_, stacked, target, **kw)
+            if target == time_k and kw.get("out") is not None:  # the prediction (the check passes no out)
+                fill(pred, kw["like"])
+            return pred
+        return extrapolate
 
-    monkeypatch.setattr(tcpade_fx.runtime, "extrapolate_stacked", overflowing)
-    runtime.begin(STEPS)
-    outs = [call(module, kwargs, t) for t in ts]
-    stats = runtime.stats
-    assert any(f"step {k}: predicted residual not finite, computed instead" in n for n in stats.notes), stats.notes
-    assert stats.records[k].computed
-    assert stats.predicted == 0 and all(torch.isfinite(o).all() for o in outs)
-    # every step was computed, so the run is the full run (no step took the infinite prediction)
-    monkeypatch.undo()
-    tcpade_fx.disable(module)
-    full = [call(module, kwargs, t) for t in ts]
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outs, full))
-    assert not torch.allclose(reference[k], full[k], atol=1e-5)  # the normal run did predict step k
+    runs = {}
+    for name, fill in {"overflowing": lambda pred, like: pred.fill_(float("inf")),  # a float16 overflow's result
+                       "reuse": lambda pred, like: pred.copy_(like)}.items():
+        monkeypatch.setattr(tcpade_fx.runtime, "extrapolate_stacked", replaced_at_step_k(fill))
+        runtime.begin(STEPS)
+        runs[name] = ([call(module, kwargs, t) for t in ts], runtime.stats)
+    outs, stats = runs["overflowing"]
+    assert any(f"step {k}: predicted residual not finite in 2 batch row(s)" in n for n in stats.notes), stats.notes
+    assert not stats.records[k].computed and "not finite" in stats.records[k].reason
+    assert stats.decisions() == schedule
+    assert all(torch.isfinite(o).all() for o in outs)
+    # the step was taken with the newest computed residual: exactly what a reuse at step k gives
+    assert all(torch.equal(a, b) for a, b in zip(outs, runs["reuse"][0]))
+    assert not any("not finite" in n for n in runs["reuse"][1].notes)
 
 
 def test_an_unannounced_trajectory_after_begin_forgets_the_announced_step_count():
