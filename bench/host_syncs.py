@@ -125,8 +125,11 @@ def report(results: dict[str, dict], steps: int, policy: str) -> str:
               "(`pade.to_device`; a CPU run copies nothing, so the CPU count cannot show these copies). The 1st "
               "call's extra reads are the capture's verification (once per input signature). The syncs outside the "
               "calls are once per trajectory (at set_timesteps: the time grids and the scheduler's order read by "
-              "tcpade_fx.integration). A bare transformer (no pipeline) reads its time off each call's `timestep`: "
-              "one read per call more. Under context parallelism the decision guard adds one read per call. "
+              "tcpade_fx.integration). Schedulers whose sigmas and timesteps are not proportional (DPM-Solver, "
+              "DDIM: the PixArt and DiT pipelines) read the time once more at step 1 of each trajectory, where the "
+              "second received time tells the two grids apart; a model time that follows neither grid is read at "
+              "every call (noted in the stats). A bare transformer (no pipeline) reads its time off each call's "
+              "`timestep`: one read per call more. Under context parallelism the decision guard adds one read per call. "
               "Counted in a test: `tests/test_host_syncs.py` (the target, and the bare-transformer count); `with "
               "tcpade_fx.testing.count_host_syncs(pipe.transformer) as c: pipe(...)`, then `c.per_kind()`, "
               "`c.ops(i, where=True)`."]
