@@ -360,7 +360,10 @@ class TCPadeRuntime:
 
     # -- trajectory state ------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget every history; the next call starts a new trajectory."""
+        """Forget every history; the next call starts a new trajectory. What the device still holds for the notes
+        of the trajectory that ends is read first (never dropped)."""
+        if getattr(self, "_pending_times", None) or getattr(self, "_pending_fallbacks", None):
+            self._flush_pending()
         self._branches: dict[Any, Branch] = {}
         self._step = -1
         self._last_time: float | None = None
@@ -391,7 +394,6 @@ class TCPadeRuntime:
         bfloat16, whose rounding would distort the gaps between steps or even merge two steps, the time used is
         the first candidate that the received values follow up to that rounding, scaled to the model's units.
         """
-        self._flush_pending()
         self.reset()
         # notes taken since the last begin() with no call in between (a pipeline begins twice) carry over
         carried = [n for n in ([] if self._stats.records else self._stats.notes) if n not in self.standing_notes]
@@ -767,9 +769,14 @@ class TCPadeRuntime:
         if not times and not fallbacks:
             return
         self._pending_times, self._pending_fallbacks = [], []
-        values = read_scalars([*(f.rows for f in fallbacks), *(p.received for p in times)])
+        self._settle_pending(fallbacks, times, read_scalars([*(f.rows for f in fallbacks), *(p.received for p in times)]))
+
+    def _settle_pending(self, fallbacks: list[_PendingFallback], times: list[_PendingTime],
+                        values: list[float]) -> int | None:
+        """Note the fallbacks and check the times from their read ``values`` (fallbacks' rows first, then the
+        times); returns what :meth:`_check_pending_times` returns."""
         self._note_fallbacks(fallbacks, values[:len(fallbacks)])
-        self._check_pending_times(times, values[len(fallbacks):])
+        return self._check_pending_times(times, values[len(fallbacks):])
 
     @property
     def _process_share(self) -> str:
@@ -828,20 +835,17 @@ class TCPadeRuntime:
         reduced = pack.reduce(self._reducer)
         scalars = [reduced[finite_at]]
         if check is not None:
-            scalars += self._check_scalars(branch, check, reduced)
+            scalars += self._check_scalars(check, reduced)
+        checked = len(scalars)
         scalars += [f.rows for f in fallbacks] + [t.received for t in times]
         if deferred is not None:
             scalars.append(deferred)
         values = read_scalars(scalars)  # the call's one host read
-        nonfinite, values = values[0], values[1:]
-        if check is not None:
-            check_values, values = values[:3 if "modulation" in check else 2], values[3 if "modulation" in check else 2:]
-        self._note_fallbacks(fallbacks, values[:len(fallbacks)])
-        values = values[len(fallbacks):]
+        nonfinite, check_values, values = values[0], values[1:checked], values[checked:]
         if deferred is not None:
             self._received[step] = values.pop()
             time = record["time"] = self._resolved_time(step, self._received[step], deferred.dtype)
-        restarted = self._check_pending_times(times, values)
+        restarted = self._settle_pending(fallbacks, times, values)
         if restarted is not None:  # the grid time this call was stepped at was not the model's: its check too
             check = None
             time = record["time"] = self._received.get(step, time)
@@ -949,7 +953,7 @@ class TCPadeRuntime:
         found["velocity"] = pack.add("norm", relative_error_partials(residual, branch.newest, per_sample=False))
         return found
 
-    def _check_scalars(self, branch: Branch, check: dict, reduced: list) -> list[torch.Tensor]:
+    def _check_scalars(self, check: dict, reduced: list) -> list[torch.Tensor]:
         """The check's results as device scalars for the call's read: the checked error and the velocity (both the
         batch maximum), and with the modulation fit the batch mean of the modulation it would set (kept in
         ``check["fitted"]`` until the read says the step is finite)."""

@@ -263,6 +263,31 @@ def test_a_non_finite_prediction_steps_with_the_newest_residual_and_is_reported(
     assert not any("not finite" in n for n in runs["reuse"][1].notes)
 
 
+def test_a_fallback_at_the_end_of_a_trajectory_is_noted_when_the_next_one_starts(monkeypatch):
+    """What is pending on the device when a bare transformer's trajectory ends (its time going up) is read then,
+    not dropped with the histories."""
+    module, kwargs = tiny_dit()
+    ts = times()
+    tcpade_fx.compile(module, Policy(schedule="explicit", mask="CCC.C..C..C..C..C..."))  # ends predicted
+    [call(module, kwargs, t) for t in ts]
+    schedule = module.tcpade.stats.decisions()
+    k = schedule.rindex(".")
+    assert k == len(ts) - 1, schedule  # the last step predicted: no computed call reads after it
+    time_k = module.tcpade.stats.records[k].time
+    real = tcpade_fx.runtime.extrapolate_stacked
+
+    def overflowing_at_k(times_, stacked, target, **kw):
+        pred = real(times_, stacked, target, **kw)
+        return pred.fill_(float("inf")) if target == time_k and kw.get("out") is not None else pred
+
+    monkeypatch.setattr(tcpade_fx.runtime, "extrapolate_stacked", overflowing_at_k)
+    [call(module, kwargs, t) for t in ts]  # a new trajectory (the time went up), whose step k falls back
+    assert not any("not finite" in n for n in module.tcpade.current_stats.notes)  # still on the device
+    call(module, kwargs, ts[0])  # the next trajectory starts: the pending fallback is read and noted
+    notes = module.tcpade.current_stats.notes
+    assert any(f"step {k}: predicted residual not finite in 2 batch row(s)" in n for n in notes), notes
+
+
 def test_an_unannounced_trajectory_after_begin_forgets_the_announced_step_count():
     model, kw = tiny_dit()
     tcpade_fx.compile(model, policy="balanced")
