@@ -277,7 +277,7 @@ def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bo
         if peers_only:
             from peers import peer_rows  # bench/peers.py
 
-            for label, family, make, extra in peer_rows(b, n):
+            for label, family, make, extra in peer_rows(b, n, peer_match):
                 if peer_match is None or re.search(peer_match, label):
                     b.row(n, label, family, make, extra=extra)
             continue

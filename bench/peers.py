@@ -66,6 +66,13 @@ Peers:
   (``MC-``). With threshold 0 both patch functors reproduce the unpatched model bit for bit (checked). cache-dit's
   attention-backend auto-selection does nothing on CPU, and diffusers' attention registry is left as it was
   (checked).
+* ``cache-dit DBCache+DMD F1B0 MC… t=…`` and ``cache-dit DBCache+FoCa F1B0 MC… t=…`` — the same DBCache with the
+  two other calibrators cache-dit ships, at their defaults: ``DMDCalibratorConfig()`` (dynamic mode decomposition,
+  i.e. SVD-regularised Prony's method: an exponential basis fitted to the last 6 computed residuals, automatic rank,
+  a Taylor fallback below 4 snapshots) and ``FoCaCalibratorConfig()`` (a BDF2 forecast with a Heun-style corrector
+  on the two newest values, no knobs). Their thresholds are searched for the compute of the TC-Padé preset rows at
+  the same step count (``preset_targets``: measured, from the results; the presets' budgets before those rows
+  exist) rather than ``TARGETS``, so that each lands beside a preset.
 
 ``mnist-wan`` (``WanTransformer3DModel``, CFG as two transformer calls per step, each in
 ``transformer.cache_context("cond" / "uncond")`` as ``WanPipeline`` does): the block stack is ``blocks`` (one of
@@ -96,6 +103,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import sys
 from typing import Callable, Iterator
 
@@ -469,38 +477,76 @@ def cache_dit_adapter(pipe):
     raise TypeError(f"no cache-dit adapter for {type(t).__name__}")
 
 
-def dbcache(threshold: float, n: int, warmup: int, taylor: bool = False, max_continuous: int = 3) -> Callable:
+CALIBRATORS = {None: "", "taylorseer": "+TaylorSeer", "dmd": "+DMD", "foca": "+FoCa"}
+
+
+def calibrator_config(calibrator: str | None):
+    """cache-dit's calibrator config for ``calibrator`` as shipped (its defaults), or None for plain DBCache."""
+    if calibrator is None:
+        return None
+    import cache_dit
+
+    if calibrator == "taylorseer":
+        return cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
+    if calibrator == "dmd":
+        return cache_dit.DMDCalibratorConfig()  # history 6, automatic rank, ridge 1e-8, gesdd SVD
+    if calibrator == "foca":
+        return cache_dit.FoCaCalibratorConfig()  # no knobs
+    raise ValueError(f"unknown cache-dit calibrator {calibrator!r}; one of {sorted(c for c in CALIBRATORS if c)}")
+
+
+def dbcache(threshold: float, n: int, warmup: int, calibrator: str | None = None, max_continuous: int = 3) -> Callable:
     def apply(pipe):
         import cache_dit
-        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+        from cache_dit import DBCacheConfig
 
         config = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=warmup,
                                max_continuous_cached_steps=max_continuous, residual_diff_threshold=threshold,
                                enable_separate_cfg=is_wan(pipe.transformer), num_inference_steps=n)
-        calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if taylor else None
-        cache_dit.enable_cache(cache_dit_adapter(pipe), cache_config=config, calibrator_config=calibrator)
+        cache_dit.enable_cache(cache_dit_adapter(pipe), cache_config=config,
+                               calibrator_config=calibrator_config(calibrator))
 
     return apply
 
 
 # -- rows ------------------------------------------------------------------------------------------------------
+PRESETS = ("quality", "balanced", "fast")
+
+
+def preset_targets(bench, n: int) -> tuple[float, ...]:
+    """The compute of the TC-Padé preset rows at ``n`` steps (measured, from the results), else their budgets."""
+    from tcpade_fx import Policy
+
+    out = []
+    for preset in PRESETS:
+        row = bench.done.get((n, f"TC-Padé {preset}", bench.samples))
+        out.append(round(row["compute"], 3) if row else Policy.preset(preset).compute_budget)
+    return tuple(out)
+
+
 def _row(bench, label: str, apply: Callable, kind: str, **knobs):
     extra = {"peer_knobs": knobs}
     return label, FAMILY, lambda: peer_pipe(bench, apply, kind, extra), extra
 
 
-def peer_rows(bench, n: int) -> Iterator[tuple[str, str, Callable, dict]]:
+def peer_rows(bench, n: int, match: str | None = None) -> Iterator[tuple[str, str, Callable, dict]]:
+    """The peer rows at ``n`` steps. ``match`` (a regex) skips every peer whose name (its label up to the knob,
+    e.g. ``cache-dit DBCache+DMD F1B0``) it does not match, before that peer's threshold search."""
     warm = warmup_steps(n)
 
-    for t, c in _distinct(thresholds_for(bench, n, fbcache, "diffusers", 0.005, 1.0).values()):
+    def wanted(name: str) -> bool:
+        return match is None or re.search(match, name) is not None
+
+    for t, c in (_distinct(thresholds_for(bench, n, fbcache, "diffusers", 0.005, 1.0).values())
+                 if wanted("diffusers FBCache") else ()):
         yield _row(bench, f"diffusers FBCache t={t:g}", fbcache(t), "diffusers", threshold=t, probe_compute=round(c, 3))
 
-    for k in TAYLORSEER_INTERVALS:
+    for k in TAYLORSEER_INTERVALS if wanted("diffusers TaylorSeer") else ():
         yield _row(bench, f"diffusers TaylorSeer k={k}", taylorseer(k, warm), "diffusers", cache_interval=k,
                    disable_cache_before_step=warm, max_order=1, block_level=BLOCK_LEVEL_TAYLORSEER)
 
-    ratios = mag_ratios(bench, n)
-    picks = thresholds_for(bench, n, lambda t: magcache(t, ratios, n, warm), "diffusers", 0.002, 2.0)
+    ratios = mag_ratios(bench, n) if wanted("diffusers MagCache") else None
+    picks = thresholds_for(bench, n, lambda t: magcache(t, ratios, n, warm), "diffusers", 0.002, 2.0) if ratios else {}
     for t, c in _distinct(picks.values()):
         yield _row(bench, f"diffusers MagCache t={t:g}", magcache(t, ratios, n, warm), "diffusers", threshold=t,
                    retention_ratio=warm / n, max_skip_steps=3, probe_compute=round(c, 3),
@@ -510,20 +556,25 @@ def peer_rows(bench, n: int) -> Iterator[tuple[str, str, Callable, dict]]:
     if why is not None:
         print(f"peers: cache-dit rows skipped ({why}); pip install cache-dit", file=sys.stderr)
         return
-    for taylor in (False, True):
-        name = "cache-dit DBCache+TaylorSeer F1B0" if taylor else "cache-dit DBCache F1B0"
+    for calibrator, suffix in CALIBRATORS.items():
+        name = f"cache-dit DBCache{suffix} F1B0"
+        if not wanted(name):
+            continue
+        # the calibrators added for the frontier comparison land at the presets' compute, the first two span TARGETS
+        targets = preset_targets(bench, n) if calibrator in ("dmd", "foca") else TARGETS
         # at most 3 cached steps in a row (SGLang's cache-dit default, MagCache's K); where that cannot reach a
         # target (its floor is about 45 % compute here), cache-dit's own default: no limit
-        by_mc = {mc: thresholds_for(bench, n, lambda t, mc=mc: dbcache(t, n, warm, taylor, mc), "cache-dit",
-                                    0.005, 2.0)
+        by_mc = {mc: thresholds_for(bench, n, lambda t, mc=mc: dbcache(t, n, warm, calibrator, mc), "cache-dit",
+                                    0.005, 2.0, targets)
                  for mc in DBCACHE_MAX_CONTINUOUS}
         picks = []
-        for target in TARGETS:
+        for target in targets:
             options = [(mc, *by_mc[mc][target]) for mc in DBCACHE_MAX_CONTINUOUS]
             close = [o for o in options if abs(o[2] - target) <= 0.05]
             picks.append(close[0] if close else min(options, key=lambda o: abs(o[2] - target)))
         for mc, t, c in _distinct(picks):
             mc_label = f"MC{mc}" if mc >= 0 else "MC-"
-            yield _row(bench, f"{name} {mc_label} t={t:g}", dbcache(t, n, warm, taylor, mc), "cache-dit",
+            yield _row(bench, f"{name} {mc_label} t={t:g}", dbcache(t, n, warm, calibrator, mc), "cache-dit",
                        threshold=t, Fn=1, Bn=0, max_warmup_steps=warm, max_continuous_cached_steps=mc,
-                       taylorseer_order=1 if taylor else None, probe_compute=round(c, 3))
+                       calibrator=calibrator, taylorseer_order=1 if calibrator == "taylorseer" else None,
+                       probe_compute=round(c, 3))

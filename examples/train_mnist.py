@@ -2,6 +2,7 @@
 
     python examples/train_mnist.py --model dit --minutes 35
     python examples/train_mnist.py --model flux --minutes 60
+    python examples/train_mnist.py --model dit-heldout --seed 1 --minutes 70   # the held-out model (tests none)
 
 Checkpoints go to runs/<model>/ckpt.pt every few minutes (rerun the same command to resume); at the end the EMA
 weights are written in fp16 as a diffusers pipeline folder under tcpade_fx/models/weights/mnist-<model>/ and the
@@ -27,18 +28,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(model: str):
     if model == "dit":
         return {"transformer": mnist.mnist_dit_transformer()}
+    if model == "dit-heldout":
+        return {"transformer": mnist.mnist_dit_heldout_transformer()}
     return {"transformer": mnist.mnist_flux_transformer(), "class_encoder": mnist.ClassTokenEncoder()}
 
 
 def velocity(model: str, modules, x, sigma, labels):
-    if model == "dit":
+    if model in ("dit", "dit-heldout"):
         return mnist.velocity_dit(modules["transformer"], x, sigma, labels)
     return mnist.velocity_flux(modules["transformer"], modules["class_encoder"], x, sigma, labels)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["dit", "flux"], required=True)
+    ap.add_argument("--model", choices=["dit", "dit-heldout", "flux"], required=True)
     ap.add_argument("--minutes", type=float, default=35.0)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=8e-4)
@@ -125,7 +128,7 @@ def main() -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ema_modules = {k: m.to(torch.float16) for k, m in ema.items()}
-    cls = mnist.MNISTDiTPipeline if args.model == "dit" else mnist.MNISTFluxPipeline
+    cls = mnist.MNISTDiTPipeline if args.model in ("dit", "dit-heldout") else mnist.MNISTFluxPipeline
     pipe = cls(scheduler=mnist.default_scheduler(), **ema_modules)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     with open(out_dir / "training_log.csv", "w", newline="") as f:

@@ -15,11 +15,15 @@ from pathlib import Path
 import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MODELS = {"mnist-dit": "MNISTDiTPipeline", "mnist-flux": "MNISTFluxPipeline", "mnist-wan": "MNISTWanPipeline"}
+MODELS = {"mnist-dit": "MNISTDiTPipeline", "mnist-flux": "MNISTFluxPipeline", "mnist-wan": "MNISTWanPipeline",
+          "mnist-dit-heldout": "MNISTDiTPipeline"}
 #: the module of tcpade_fx.models that defines each pipeline
-_MODULES = {"mnist-dit": "mnist", "mnist-flux": "mnist", "mnist-wan": "wan"}
+_MODULES = {"mnist-dit": "mnist", "mnist-flux": "mnist", "mnist-wan": "wan", "mnist-dit-heldout": "mnist"}
+#: models kept out of every choice of the method (presets, policy defaults): the check that a gain is not tuned
+HELDOUT = ("mnist-dit-heldout",)
 _TRAIN = {
     "mnist-dit": "python examples/train_mnist.py --model dit",
+    "mnist-dit-heldout": "python examples/train_mnist.py --model dit-heldout --seed 1",
     "mnist-flux": "python examples/train_mnist.py --model flux",
     "mnist-wan": "python examples/train_wan.py",
 }
@@ -70,4 +74,4 @@ def quiet_loading():
         dlog.enable_progress_bar()
 
 
-__all__ = ["MODELS", "available", "load", "pipeline_class", "quiet_loading"]
+__all__ = ["HELDOUT", "MODELS", "available", "load", "pipeline_class", "quiet_loading"]

@@ -44,6 +44,21 @@ def mnist_dit_transformer() -> DiTTransformer2DModel:
     )
 
 
+def mnist_dit_heldout_transformer() -> DiTTransformer2DModel:
+    """The DiT of ``mnist-dit-heldout``: the held-out model of the method's tuning (another seed and head layout:
+    8 heads of 16, 7 blocks, hidden 128, patch 4). Nothing in the presets or the policy is chosen on it."""
+    return DiTTransformer2DModel(
+        num_attention_heads=8,
+        attention_head_dim=16,
+        in_channels=1,
+        num_layers=7,
+        sample_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        num_embeds_ada_norm=NUM_CLASSES,
+        norm_type="ada_norm_zero",
+    )
+
+
 def mnist_flux_transformer() -> FluxTransformer2DModel:
     """The Flux twin of ``mnist-flux``: 2 dual-stream + 4 single-stream blocks, hidden 128, 49 image tokens."""
     return FluxTransformer2DModel(
