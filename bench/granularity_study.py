@@ -1,0 +1,195 @@
+"""Issue 13 part 3: does predicting at a finer granularity than the whole block stack pay, on the same schedule?
+
+    python bench/granularity_study.py [--samples 24] [--models mnist-dit mnist-flux] [--steps 20 28 50]
+                                      [--presets balanced fast] [--out FILE]
+
+For each model, step count and preset the schedule is the preset's own (the decisions of a real run: the budget
+plan); every row below computes the same steps and predicts the others, so each row's compute is the preset's (up
+to what a finer granularity keeps running on predicted steps: gates, adaLN, norms, the first block's input
+projections, below 2 % of the stack's matmul FLOPs on these models). What is predicted on a predicted step:
+
+* ``stack``: the whole block stack's residual (what TC-Padé ships): the preset itself (``TC-Padé``, with its
+  coefficient modulation and stage orders) and the plain extrapolants replayed on its schedule through the library
+  (``Policy(schedule="explicit", mask=...)``);
+* ``block``: every block's residual (output − input, per stream), each block then fed the predicted stream of the
+  block before it: the prediction errors of the blocks do not add up unseen, each block's input is the predicted
+  one;
+* ``module``: the outputs of the attention and feed-forward modules of every block (diffusers' TaylorSeer units,
+  ``peers.taylorseer_identifiers``: Flux single blocks forecast ``proj_out`` and skip ``attn`` / ``proj_mlp``):
+  adaLN, gates and the residual adds stay live, so the time-embedding path of every block is exact.
+
+Extrapolants on the finer units: Padé [1/1] (``tcpade_fx.pade.extrapolate``, per sample, newest 3 computed values)
+and Taylor-1 (newest 2), in the model's time. Seeds 3000.. (used by no other study, preset or benchmark), guidance
+1.5 as the benchmark. PSNR against the full run of the same seeds (Euler, same steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import tcpade_fx  # noqa: E402
+from tcpade_fx import Policy, metrics, models  # noqa: E402
+from tcpade_fx.pade import extrapolate  # noqa: E402
+
+GUIDANCE = 1.5
+SEED0 = 3000
+HISTORY = 3
+
+
+class UnitForecaster:
+    """Replaces the outputs of chosen submodules on the schedule's predicted steps by extrapolations of their own
+    computed outputs (a study harness: plain Python wrappers on ``forward``, one state per pipeline call)."""
+
+    def __init__(self, transformer: torch.nn.Module, mask: str, method: str, units: str):
+        self.mask, self.method, self.step, self.time = mask, method, -1, 0.0
+        self.histories: dict[str, list[tuple[float, tuple[torch.Tensor, ...]]]] = {}
+        self.shapes: dict[str, torch.Tensor] = {}
+        transformer.register_forward_pre_hook(self._on_call, with_kwargs=True)
+        forecast, skip = unit_patterns(transformer, units)
+        for name, module in transformer.named_modules():
+            if any(re.fullmatch(p, name) for p in forecast):
+                self._wrap(name, module, units == "block")
+            elif any(re.fullmatch(p, name) for p in skip):
+                self._wrap_skip(name, module)
+        if not self.histories:
+            raise RuntimeError(f"no {units} unit matched in {type(transformer).__name__}")
+
+    def reset(self) -> None:
+        self.step = -1
+        for h in self.histories.values():
+            h.clear()
+
+    @property
+    def computing(self) -> bool:
+        return self.step >= len(self.mask) or self.mask[self.step] == "C"
+
+    def _on_call(self, module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        self.step += 1
+        self.time = float(t.flatten()[0])
+
+    def _wrap(self, name: str, module: torch.nn.Module, residual: bool) -> None:
+        original = module.forward
+        self.histories[name] = []
+
+        def forward(*args, **kwargs):
+            streams = _block_inputs(module, args, kwargs) if residual else None
+            if self.computing:
+                out = original(*args, **kwargs)
+                outs = _as_tuple(out)
+                values = tuple(o - s for o, s in zip(outs, streams)) if residual else outs
+                hist = self.histories[name]
+                hist.append((self.time, tuple(v.detach().clone() for v in values)))
+                del hist[:-HISTORY]
+                return out
+            hist = self.histories[name]
+            times = [t for t, _ in hist]
+            preds = tuple(extrapolate(times, [v[i] for _, v in hist], self.time, method=self.method, order=1)
+                          for i in range(len(hist[-1][1])))
+            if residual:
+                preds = tuple(s + p for s, p in zip(streams, preds))
+            return preds[0] if len(preds) == 1 else preds
+
+        module.forward = forward
+
+    def _wrap_skip(self, name: str, module: torch.nn.Module) -> None:
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            if self.computing:
+                out = original(*args, **kwargs)
+                self.shapes[name] = out
+                return out
+            return torch.zeros_like(self.shapes[name])
+
+        module.forward = forward
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _block_inputs(block, args, kwargs) -> tuple[torch.Tensor, ...]:
+    """The streams a block adds its residual to, in the order of its outputs (Flux dual blocks return
+    (encoder, hidden), single ones too; the others hidden only)."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if type(block).__name__ in ("FluxTransformerBlock", "FluxSingleTransformerBlock"):
+        return (kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None), hidden)
+    return (hidden,)
+
+
+def unit_patterns(transformer, units: str) -> tuple[list[str], list[str]]:
+    from peers import taylorseer_identifiers
+
+    if units == "block":
+        return [r"((single_)?transformer_blocks|blocks)\.\d+"], []
+    return taylorseer_identifiers(transformer, block_level=False)
+
+
+def sample(pipe, labels, latents, steps) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe(labels, latents=latents, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                    output_type="pt").images
+
+
+def run_cell(model: str, steps: int, preset: str, labels, latents, full) -> list[tuple[str, str, float, float]]:
+    pipe = models.load(model)
+    tcpade_fx.compile(pipe, policy=preset)
+    images = sample(pipe, labels, latents, steps)
+    stats = pipe.tcpade.stats
+    mask = stats.decisions()
+    compute = mask.count("C") / len(mask)
+    rows = [("stack", f"TC-Padé {preset}", compute, metrics.psnr(full, images))]
+    for method, name in (("pade", "Padé [1/1]"), ("taylor", "Taylor-1")):
+        pipe = models.load(model)
+        tcpade_fx.compile(pipe, policy=Policy(method=method, order=1, late_order=1, schedule="explicit", mask=mask,
+                                              modulate_denominator=False))
+        rows.append(("stack", name, compute, metrics.psnr(full, sample(pipe, labels, latents, steps))))
+    for units in ("block", "module"):
+        for method, name in (("pade", "Padé [1/1]"), ("taylor", "Taylor-1")):
+            pipe = models.load(model)
+            forecaster = UnitForecaster(pipe.transformer, mask, method, units)
+            forecaster.reset()
+            rows.append((units, name, compute, metrics.psnr(full, sample(pipe, labels, latents, steps))))
+    return mask, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=24)
+    ap.add_argument("--models", nargs="+", default=["mnist-dit", "mnist-flux"])
+    ap.add_argument("--steps", nargs="+", type=int, default=[20, 28, 50])
+    ap.add_argument("--presets", nargs="+", default=["balanced", "fast"])
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    seeds = list(range(SEED0, SEED0 + args.samples))
+    labels = [s % 10 for s in seeds]
+    latents = metrics.seeded_latents(seeds)
+    lines = ["| model | N | preset | schedule | granularity | extrapolant | compute | PSNR vs full |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model in args.models:
+        for steps in args.steps:
+            full = sample(models.load(model), labels, latents, steps)
+            for preset in args.presets:
+                mask, rows = run_cell(model, steps, preset, labels, latents, full)
+                for units, name, compute, psnr in rows:
+                    line = f"| {model} | {steps} | {preset} | `{mask}` | {units} | {name} | {compute:.2f} | {psnr:.2f} |"
+                    lines.append(line)
+                    print(line, flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
