@@ -1,4 +1,4 @@
-"""Issue 13 part 4: stages and order, revisited with data.
+"""Issue 13 part 4: stages and order (and the budget plan's warp), revisited with data.
 
     python bench/stage_order_study.py [--samples 16] [--models mnist-dit mnist-flux] [--steps 20 28 50]
                                       [--presets balanced fast] [--out FILE]
@@ -38,6 +38,9 @@ VARIANTS: dict[str, dict] = {
     "early < 0.05": dict(early_end=0.05),
     "late >= 0.7": dict(late_start=0.7),
     "no modulation (plain Padé)": dict(modulate_denominator=False),
+    "plan warp 1.0 (even gaps)": dict(budget_warp=1.0),
+    "plan warp 1.15": dict(budget_warp=1.15),
+    "plan warp 1.5": dict(budget_warp=1.5),
 }
 
 
