@@ -518,9 +518,10 @@ def preset_targets(bench, n: int) -> tuple[float, ...]:
     from tcpade_fx import Policy
 
     out = []
-    for preset in PRESETS:
-        row = bench.done.get((n, f"TC-Padé {preset}", bench.samples))
-        out.append(round(row["compute"], 3) if row else Policy.preset(preset).compute_budget)
+    for preset in PRESETS:  # the benchmark's own row (not an --fd-only one), so both runs pick the same thresholds
+        rows = [r for (steps, label, _), r in bench.done.items()
+                if steps == n and label == f"TC-Padé {preset}" and not r.get("fd_only")]
+        out.append(round(rows[0]["compute"], 3) if rows else Policy.preset(preset).compute_budget)
     return tuple(out)
 
 
