@@ -26,6 +26,7 @@ and Taylor-1 (newest 2), in the model's time. Seeds 3000.. (used by no other stu
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -141,14 +142,17 @@ def sample(pipe, labels, latents, steps) -> torch.Tensor:
                     output_type="pt").images
 
 
-def run_cell(model: str, steps: int, preset: str, labels, latents, full) -> list[tuple[str, str, float, float]]:
-    pipe = models.load(model)
-    tcpade_fx.compile(pipe, policy=preset)
-    images = sample(pipe, labels, latents, steps)
-    stats = pipe.tcpade.stats
-    mask = stats.decisions()
+def run_cell(model: str, steps: int, preset: str, labels, latents, full,
+             mask: str | None = None) -> tuple[str, list[tuple[str, str, float, float]]]:
+    """The rows of one cell; ``mask``: a given schedule instead of the preset's (then no TC-Padé row)."""
+    rows = []
+    if mask is None:
+        pipe = models.load(model)
+        tcpade_fx.compile(pipe, policy=preset)
+        images = sample(pipe, labels, latents, steps)
+        mask = pipe.tcpade.stats.decisions()
+        rows.append(("stack", f"TC-Padé {preset}", mask.count("C") / len(mask), metrics.psnr(full, images)))
     compute = mask.count("C") / len(mask)
-    rows = [("stack", f"TC-Padé {preset}", compute, metrics.psnr(full, images))]
     for method, name in (("pade", "Padé [1/1]"), ("taylor", "Taylor-1")):
         pipe = models.load(model)
         tcpade_fx.compile(pipe, policy=Policy(method=method, order=1, late_order=1, schedule="explicit", mask=mask,
@@ -170,6 +174,9 @@ def main() -> None:
     ap.add_argument("--steps", nargs="+", type=int, default=[20, 28, 50])
     ap.add_argument("--presets", nargs="+", default=["balanced", "fast"])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--taylorseer-schedule", type=int, default=None, metavar="K",
+                    help="instead of the presets' schedules: diffusers TaylorSeer's with cache_interval K (the "
+                         "benchmark's warm-up, max(3, ceil(0.1 (N - 1))) steps, then every K-th step computed)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = list(range(SEED0, SEED0 + args.samples))
@@ -180,8 +187,12 @@ def main() -> None:
     for model in args.models:
         for steps in args.steps:
             full = sample(models.load(model), labels, latents, steps)
-            for preset in args.presets:
-                mask, rows = run_cell(model, steps, preset, labels, latents, full)
+            for preset in args.presets if args.taylorseer_schedule is None else [f"TaylorSeer k={args.taylorseer_schedule}"]:
+                given = None
+                if args.taylorseer_schedule is not None:
+                    warm, k = min(steps, max(3, math.ceil(0.1 * (steps - 1)))), args.taylorseer_schedule
+                    given = "".join("C" if i < warm or (i - warm) % k == 0 else "." for i in range(steps))
+                mask, rows = run_cell(model, steps, preset, labels, latents, full, given)
                 for units, name, compute, psnr in rows:
                     line = f"| {model} | {steps} | {preset} | `{mask}` | {units} | {name} | {compute:.2f} | {psnr:.2f} |"
                     lines.append(line)

@@ -424,6 +424,23 @@ def test_planned_gaps_never_shrink_when_max_skip_does_not_bind(policy, times, ex
 
 
 @FAST
+@given(policy=budget_policies(), times=schedules(min_steps=3), exponent=st.floats(-6, 2),
+       tolerance=st.floats(1e-4, 1.0))
+def test_postponed_computations_never_make_the_gaps_shrink(policy, times, exponent, tolerance):
+    """With the error estimate allowed to postpone planned computations (a tolerance above 0): a postponement
+    opens a longer gap only where the re-plan's next gap is at least as long (the 50-step mnist-dit failure:
+    ``CCCCC..C.C.C.C``, a gap of 3 followed by gaps of 2, cost up to 10 dB)."""
+    n = len(times)
+    policy = policy.replace(mid_max_skip=n, late_start=1.0, mid_tolerance=tolerance, late_tolerance=tolerance)
+    ctl = drive(policy, times, constant_tsi(policy, 10.0**exponent))
+    steps = [d.step for d in ctl.decisions if d.compute and d.stage != "early"]
+    warm = [d.step for d in ctl.decisions if d.stage == "early"]
+    anchors = ([warm[-1]] if warm else []) + steps
+    gaps = [b - a for a, b in zip(anchors, anchors[1:])]
+    assert gaps == sorted(gaps), "".join("C" if d.compute else "." for d in ctl.decisions)
+
+
+@FAST
 @given(steps=st.integers(1, 30), name=st.sampled_from(["quality", "balanced", "fast"]), error=st.floats(0.0, 10.0))
 def test_few_steps_are_computed_in_full_unless_the_policy_lowers_min_steps(steps, name, error):
     from tcpade_fx.testing import drive_controller
