@@ -49,7 +49,7 @@ def main() -> None:
     latents = metrics.seeded_latents(seeds)
     for model in args.models:
         path = RESULTS / f"{model}.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
         stale: set[tuple[int, str]] = set()
         for n in args.steps:
             cached = RESULTS / "cache" / f"{model}-euler-{n}-{args.samples}.pt"

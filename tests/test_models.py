@@ -27,7 +27,7 @@ def sample(pipe, latents, steps=STEPS):
     return pipe(LABELS, latents=latents, num_inference_steps=steps, guidance_scale=1.5, output_type="pt").images
 
 
-@pytest.mark.parametrize("name", ["mnist-dit", "mnist-flux"])
+@pytest.mark.parametrize("name", ["mnist-dit", "mnist-flux", "mnist-dit-heldout"])
 def test_bundled_model_draws_the_asked_digits(name, latents, classifier):
     images = sample(models.load(name), latents)
     assert images.shape == (len(SEEDS), 1, 28, 28)
@@ -37,7 +37,7 @@ def test_bundled_model_draws_the_asked_digits(name, latents, classifier):
     assert accuracy >= 0.9, f"{name}: only {accuracy:.0%} of the samples are the asked digit"
 
 
-@pytest.mark.parametrize("name", ["mnist-dit", "mnist-flux"])
+@pytest.mark.parametrize("name", ["mnist-dit", "mnist-flux", "mnist-dit-heldout"])
 def test_balanced_is_faithful_and_beats_fewer_steps_at_equal_compute(name, latents):
     full = sample(models.load(name), latents)
     pipe = tcpade_fx.compile(models.load(name), policy="balanced")
