@@ -30,33 +30,28 @@ PATCH = 4
 GRID = IMAGE_SIZE // PATCH
 
 
-def mnist_dit_transformer() -> DiTTransformer2DModel:
-    """The DiT of ``mnist-dit``: hidden 128, 6 blocks, patch 4 (49 tokens), 2.1 M parameters."""
+def _mnist_dit(num_attention_heads: int, attention_head_dim: int, num_layers: int) -> DiTTransformer2DModel:
     return DiTTransformer2DModel(
-        num_attention_heads=4,
-        attention_head_dim=32,
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
         in_channels=1,
-        num_layers=6,
+        num_layers=num_layers,
         sample_size=IMAGE_SIZE,
         patch_size=PATCH,
         num_embeds_ada_norm=NUM_CLASSES,
         norm_type="ada_norm_zero",
     )
+
+
+def mnist_dit_transformer() -> DiTTransformer2DModel:
+    """The DiT of ``mnist-dit``: hidden 128, 6 blocks, patch 4 (49 tokens), 2.1 M parameters."""
+    return _mnist_dit(4, 32, 6)
 
 
 def mnist_dit_heldout_transformer() -> DiTTransformer2DModel:
     """The DiT of ``mnist-dit-heldout``: the held-out model of the method's tuning (another seed and head layout:
     8 heads of 16, 7 blocks, hidden 128, patch 4). Nothing in the presets or the policy is chosen on it."""
-    return DiTTransformer2DModel(
-        num_attention_heads=8,
-        attention_head_dim=16,
-        in_channels=1,
-        num_layers=7,
-        sample_size=IMAGE_SIZE,
-        patch_size=PATCH,
-        num_embeds_ada_norm=NUM_CLASSES,
-        norm_type="ada_norm_zero",
-    )
+    return _mnist_dit(8, 16, 7)
 
 
 def mnist_flux_transformer() -> FluxTransformer2DModel:
