@@ -62,6 +62,13 @@ def unipc():
     return UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
 
 
+def sample_images(pipe, labels, latents, steps: int, guidance: float = GUIDANCE) -> torch.Tensor:
+    """One seeded call of an image pipeline at the benchmark's guidance: the images (B, 1, 28, 28) in [-1, 1]."""
+    with torch.no_grad():
+        return pipe(labels, latents=latents, num_inference_steps=steps, guidance_scale=guidance,
+                    output_type="pt").images
+
+
 class ImageSamples:
     """What the benchmark needs to know about a model's samples: here images (B, 1, 28, 28) in ``.images``."""
 

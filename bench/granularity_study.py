@@ -38,10 +38,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import tcpade_fx  # noqa: E402
+from benchmark import sample_images as sample  # noqa: E402
 from tcpade_fx import Policy, metrics, models  # noqa: E402
 from tcpade_fx.pade import extrapolate  # noqa: E402
 
-GUIDANCE = 1.5
 SEED0 = 3000
 HISTORY = 3
 
@@ -134,12 +134,6 @@ def unit_patterns(transformer, units: str) -> tuple[list[str], list[str]]:
     if units == "block":
         return [r"((single_)?transformer_blocks|blocks)\.\d+"], []
     return taylorseer_identifiers(transformer, block_level=False)
-
-
-def sample(pipe, labels, latents, steps) -> torch.Tensor:
-    with torch.no_grad():
-        return pipe(labels, latents=latents, num_inference_steps=steps, guidance_scale=GUIDANCE,
-                    output_type="pt").images
 
 
 def run_cell(model: str, steps: int, preset: str, labels, latents, full,

@@ -37,19 +37,15 @@ from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import tcpade_fx  # noqa: E402
 import tcpade_fx.runtime as runtime_module  # noqa: E402
+from benchmark import GUIDANCE, sample_images  # noqa: E402
 from tcpade_fx import Policy, metrics, models  # noqa: E402
 from tcpade_fx.pade import extrapolate  # noqa: E402
 
-GUIDANCE = 1.5  # the benchmark's
 SIGNALS = ("embedded", "probe", "controller", "gap")
-
-
-def _pipe_call(pipe, labels, latents, steps):
-    with torch.no_grad():
-        pipe(labels, latents=latents, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="pt")
 
 
 def full_residuals(model: str, labels, latents, steps: int) -> tuple[list[float], list[torch.Tensor]]:
@@ -65,7 +61,7 @@ def full_residuals(model: str, labels, latents, steps: int) -> tuple[list[float]
 
     runtime_module.Branch.push = recording_push
     try:
-        _pipe_call(pipe, labels, latents, steps)
+        sample_images(pipe, labels, latents, steps)
     finally:
         runtime_module.Branch.push = push
     assert len(seen) == steps, f"{len(seen)} residuals for {steps} steps"
@@ -85,7 +81,7 @@ def probe_residuals(model: str, labels, latents, steps: int) -> list[torch.Tenso
 
     handle = block.register_forward_hook(hook, with_kwargs=True)
     try:
-        _pipe_call(pipe, labels, latents, steps)
+        sample_images(pipe, labels, latents, steps)
     finally:
         handle.remove()
     assert len(seen) == steps
@@ -95,7 +91,7 @@ def probe_residuals(model: str, labels, latents, steps: int) -> list[torch.Tenso
 def preset_run(model: str, labels, latents, steps: int, preset: str):
     pipe = models.load(model)
     tcpade_fx.compile(pipe, policy=preset)
-    _pipe_call(pipe, labels, latents, steps)
+    sample_images(pipe, labels, latents, steps)
     stats = pipe.tcpade.stats
     return stats.decisions(0), [r.error_estimate for r in stats.records], pipe.tcpade.policy
 

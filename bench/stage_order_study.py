@@ -20,11 +20,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import tcpade_fx  # noqa: E402
+from benchmark import sample_images as sample  # noqa: E402
 from tcpade_fx import Policy, metrics, models  # noqa: E402
 
-GUIDANCE = 1.5
 SEED0 = 4000
 
 #: name -> fields changed on the preset
@@ -42,12 +43,6 @@ VARIANTS: dict[str, dict] = {
     "plan warp 1.15": dict(budget_warp=1.15),
     "plan warp 1.5": dict(budget_warp=1.5),
 }
-
-
-def sample(pipe, labels, latents, steps) -> torch.Tensor:
-    with torch.no_grad():
-        return pipe(labels, latents=latents, num_inference_steps=steps, guidance_scale=GUIDANCE,
-                    output_type="pt").images
 
 
 def main() -> None:

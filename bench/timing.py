@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import tcpade_fx  # noqa: E402
-from benchmark import GUIDANCE, RESULTS, euler, unipc  # noqa: E402
+from benchmark import RESULTS, SAMPLES, ImageSamples, euler, unipc  # noqa: E402
 from tcpade_fx import Policy, metrics, models  # noqa: E402
 
 
@@ -65,12 +65,16 @@ def main() -> None:
     torch.set_num_threads(1)
     results = Path(args.results)
     seeds = list(range(args.samples))
-    labels, latents = [s % 10 for s in seeds], metrics.seeded_latents(seeds)
-
-    def run(pipe, steps):
-        return pipe(labels, latents=latents, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="pt")
+    labels = [s % 10 for s in seeds]
 
     for model in args.models:
+        kind = SAMPLES.get(model, ImageSamples)()  # the benchmark's latent shape and guidance for this model
+        latents = metrics.seeded_latents(seeds, kind.latent_shape)
+
+        def run(pipe, steps):
+            return pipe(labels, latents=latents, num_inference_steps=steps, guidance_scale=kind.guidance,
+                        output_type="pt")
+
         rows = [json.loads(x) for x in (results / f"{model}.jsonl").read_text().splitlines() if x.strip()]
         out = results / f"timing-{model}.jsonl"
         timed = set()
@@ -102,6 +106,7 @@ def main() -> None:
                       "ratios": [round(r, 3) for r in ratios], "samples": args.samples}
             with out.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            timed.add((row["steps"], row["label"]))  # the same row at another sample count is timed once
             print(f"{model} N={row['steps']} {row['label']:<34} speedup {record['speedup']:.2f} (ideal "
                   f"{row['ideal_speedup']}) {record['ratios']}", flush=True)
 
