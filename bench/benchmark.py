@@ -50,16 +50,18 @@ RESULTS = ROOT / "bench" / "results"
 GUIDANCE = 1.5
 
 
-def euler():
+def euler(shift: float = 1.0):
+    """The benchmark's Euler flow scheduler at a model's time shift (σ → s·σ / (1 + (s - 1)·σ))."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
-def unipc():
+def unipc(shift: float = 1.0):
+    """UniPC on the flow sigmas of the same time shift as :func:`euler`."""
     from diffusers import UniPCMultistepScheduler
 
-    return UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
+    return UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)
 
 
 def sample_images(pipe, labels, latents, steps: int, guidance: float = GUIDANCE) -> torch.Tensor:
@@ -129,13 +131,22 @@ class VideoSamples(ImageSamples):
 SAMPLES = {"mnist-wan": VideoSamples}
 
 
+def scheduler_shift(model: str) -> float:
+    """The ``shift`` of the scheduler bundled with ``model`` (what ``models.load(model)`` samples with)."""
+    config = models.WEIGHTS_DIR / model / "scheduler" / "scheduler_config.json"
+    return float(json.loads(config.read_text()).get("shift", 1.0)) if config.exists() else 1.0
+
+
 class Bench:
     def __init__(self, model: str, samples: int, timing_samples: int, repeats: int, batch: int,
-                 fd_only: bool = False):
+                 fd_only: bool = False, shift: float | None = None):
         self.fd_only = fd_only
         self.model = model
         self.kind = SAMPLES.get(model, ImageSamples)()
         self.guidance = self.kind.guidance
+        #: the time shift of the model's bundled scheduler (mnist-wan samples at Wan's shift 3, the image models at 1):
+        #: every Euler / UniPC row of this model, full runs included, uses it, as a user's default call would
+        self.shift = scheduler_shift(model) if shift is None else shift
         self.samples = samples
         self.repeats = repeats
         self.batch = batch
@@ -152,7 +163,7 @@ class Bench:
         if self.out_path.exists():
             for line in self.out_path.read_text().splitlines():
                 row = json.loads(line)
-                self.done[(row["steps"], row["label"], row["samples"])] = row
+                self.done[(row["steps"], row["label"], row["samples"], row.get("shift", 1.0))] = row
         self._cache: dict = {}
 
     def latents_for(self, seeds: list[int]) -> torch.Tensor:
@@ -160,6 +171,12 @@ class Bench:
         return metrics.seeded_latents(seeds, self.kind.latent_shape)
 
     # -- running ---------------------------------------------------------------------------------------------
+    def euler(self):
+        return euler(self.shift)
+
+    def unipc(self):
+        return unipc(self.shift)
+
     def pipe(self, scheduler=None, policy=None, hook=None):
         pipe = models.load(self.model)
         if scheduler is not None:
@@ -190,7 +207,8 @@ class Bench:
     def reference(self, name: str, make, steps: int) -> torch.Tensor:
         key = (name, steps)
         if key not in self._cache:
-            path = RESULTS / "cache" / f"{self.model}-{name}-{steps}-{self.samples}.pt"
+            shift = "" if self.shift == 1.0 else f"-shift{self.shift:g}"
+            path = RESULTS / "cache" / f"{self.model}-{name}-{steps}-{self.samples}{shift}.pt"
             if path.exists():
                 self._cache[key] = torch.load(path, weights_only=True)
             else:
@@ -216,12 +234,12 @@ class Bench:
     def row(self, steps: int, label: str, family: str, make, *, run_steps: int | None = None, full_of=None,
             extra: dict | None = None) -> dict | None:
         """Run one configuration ``make()`` (a pipeline) for ``run_steps`` (default N) and record it."""
-        if (steps, label, self.samples) in self.done:
-            return self.done[(steps, label, self.samples)]
+        if (steps, label, self.samples, self.shift) in self.done:
+            return self.done[(steps, label, self.samples, self.shift)]
         run_steps = run_steps or steps
-        full_name, full_make = full_of or ("euler", lambda: self.pipe(euler()))
+        full_name, full_make = full_of or ("euler", lambda: self.pipe(self.euler()))
         full = self.reference(full_name, full_make, steps)
-        converged = None if self.fd_only else self.reference("converged", lambda: self.pipe(unipc()), 100)
+        converged = None if self.fd_only else self.reference("converged", lambda: self.pipe(self.unipc()), 100)
         pipe = make()
         t0 = time.perf_counter()
         images = self.sample(pipe, run_steps)
@@ -251,7 +269,7 @@ class Bench:
             "fd": round(metrics.frechet_distance(self.real_feats, feats), 3),
             "kid": round(metrics.kernel_inception_distance(self.real_feats, feats), 5),
             "accuracy": round(accuracy, 4), "schedule": schedule, "seconds": round(seconds, 1),
-            "full": full_name, "guidance": self.guidance, **self.kind.extra_metrics(images),
+            "full": full_name, "guidance": self.guidance, "shift": self.shift, **self.kind.extra_metrics(images),
         }
         if extra:
             result.update({k: v for k, v in extra.items() if k != "compute"})
@@ -259,7 +277,7 @@ class Bench:
             result["fd_only"] = True
         with self.out_path.open("a") as f:
             f.write(json.dumps(result) + "\n")
-        self.done[(steps, label, self.samples)] = result
+        self.done[(steps, label, self.samples, self.shift)] = result
         timing = "" if speedup is None else f" speedup {speedup:4.2f}"
         conv = "" if converged is None else f" conv {result['psnr_converged']:6.2f}"
         print(f"{self.model} N={steps} {label:<34} compute {computed:5.2f}{timing} PSNR {result['psnr_full']:6.2f}"
@@ -288,14 +306,14 @@ def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bo
                 if peer_match is None or re.search(peer_match, label):
                     b.row(n, label, family, make, extra=extra)
             continue
-        b.row(n, "full (Euler)", "full", lambda: b.pipe(euler()))
-        b.row(n, "full (UniPC)", "full", lambda: b.pipe(unipc()), full_of=("unipc", lambda: b.pipe(unipc())))
+        b.row(n, "full (Euler)", "full", lambda: b.pipe(b.euler()))
+        b.row(n, "full (UniPC)", "full", lambda: b.pipe(b.unipc()), full_of=("unipc", lambda: b.pipe(b.unipc())))
         for preset in presets:
             policy = Policy.preset(preset)
-            r = b.row(n, f"TC-Padé {preset}", "tcpade", lambda: b.pipe(euler(), policy))
+            r = b.row(n, f"TC-Padé {preset}", "tcpade", lambda: b.pipe(b.euler(), policy))
             c = max(2, round(r["computed_steps"]))
-            b.row(n, f"fewer steps Euler ({c})", "fewer", lambda: b.pipe(euler()), run_steps=c)
-            b.row(n, f"fewer steps UniPC ({c})", "fewer", lambda: b.pipe(unipc()), run_steps=c)
+            b.row(n, f"fewer steps Euler ({c})", "fewer", lambda: b.pipe(b.euler()), run_steps=c)
+            b.row(n, f"fewer steps UniPC ({c})", "fewer", lambda: b.pipe(b.unipc()), run_steps=c)
             if core_only:
                 continue
             mask = r["schedule"]
@@ -303,7 +321,7 @@ def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bo
             for method, order in ablations:
                 name = "reuse" if method == "reuse" else f"Taylor-{order}"
                 replay = Policy(method=method, order=order, late_order=min(order, 1), schedule="explicit", mask=mask)
-                b.row(n, f"{name} on {preset} schedule", "same-schedule", lambda: b.pipe(euler(), replay))
+                b.row(n, f"{name} on {preset} schedule", "same-schedule", lambda: b.pipe(b.euler(), replay))
             early = math.ceil(policy.early_end * (n - 1)) if n > 1 else 1
             k = fixed_interval_for(n, c, max(early, 3))
             fixed_rows = (("reuse", 0, "reuse"), ("taylor", 1, "Taylor-1"), ("pade", 1, "Padé [1/1]"))
@@ -311,10 +329,10 @@ def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bo
                 # plain Padé (μ = 1): the ablation of the extrapolant alone on a fixed schedule
                 fixed = Policy(method=method, order=order, late_order=order, schedule="fixed", interval=k,
                                early_end=max(early, 3) / max(1, n - 1), modulate_denominator=False)
-                b.row(n, f"{name} fixed every {k}", "fixed", lambda: b.pipe(euler(), fixed))
+                b.row(n, f"{name} fixed every {k}", "fixed", lambda: b.pipe(b.euler(), fixed))
             if preset == "balanced":
-                b.row(n, f"TC-Padé {preset} on UniPC", "tcpade+unipc", lambda: b.pipe(unipc(), policy),
-                      full_of=("unipc", lambda: b.pipe(unipc())))
+                b.row(n, f"TC-Padé {preset} on UniPC", "tcpade+unipc", lambda: b.pipe(b.unipc(), policy),
+                      full_of=("unipc", lambda: b.pipe(b.unipc())))
         if peers:
             from peers import peer_rows  # bench/peers.py
 

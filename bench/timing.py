@@ -86,10 +86,11 @@ def main() -> None:
                     or (conf := configuration(row)) is None):
                 continue
             make_scheduler, policy, steps = conf
+            shift = row.get("shift", 1.0)  # the row's own schedule (rows before the field were all at shift 1)
             full = models.load(model)
-            full.scheduler = euler() if row.get("full", "euler") == "euler" else unipc()
+            full.scheduler = euler(shift) if row.get("full", "euler") == "euler" else unipc(shift)
             pipe = models.load(model)
-            pipe.scheduler = make_scheduler()
+            pipe.scheduler = make_scheduler(shift)
             if policy is not None:
                 tcpade_fx.compile(pipe, policy=policy)
             run(pipe, steps)

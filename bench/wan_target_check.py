@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchmark import Bench, euler, unipc  # noqa: E402
+from benchmark import Bench  # noqa: E402
 from tcpade_fx import metrics  # noqa: E402
 
 #: steps N -> the computed steps of "balanced" (0.40 / 0.43 compute), the fewer-steps rows' step count
@@ -31,19 +31,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--batch", type=int, default=25)
+    ap.add_argument("--shift", type=float, default=None,
+                    help="the schedulers' time shift (default: the bundled scheduler's, 3)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    bench = Bench("mnist-wan", args.samples, timing_samples=0, repeats=0, batch=args.batch)
+    bench = Bench("mnist-wan", args.samples, timing_samples=0, repeats=0, batch=args.batch, shift=args.shift)
     psnr = {}
     for n, few in CELLS.items():
-        full = bench.reference("euler", lambda: bench.pipe(euler()), n)
-        rows = [("TC-Padé balanced", lambda: bench.pipe(euler(), "balanced"), n),
-                (f"fewer steps UniPC ({few})", lambda: bench.pipe(unipc()), few),
-                (f"fewer steps Euler ({few})", lambda: bench.pipe(euler()), few)]
+        full = bench.reference("euler", lambda: bench.pipe(bench.euler()), n)
+        rows = [("TC-Padé balanced", lambda: bench.pipe(bench.euler(), "balanced"), n),
+                (f"fewer steps UniPC ({few})", lambda: bench.pipe(bench.unipc()), few),
+                (f"fewer steps Euler ({few})", lambda: bench.pipe(bench.euler()), few)]
         for label, make, steps in rows:
             psnr[f"{n} {label}"] = round(metrics.psnr(full, bench.sample(make(), steps)), 2)
             print(n, label, psnr[f"{n} {label}"], flush=True)
-    print(json.dumps(psnr))
+    print(json.dumps({"shift": bench.shift, **psnr}))
 
 
 if __name__ == "__main__":
