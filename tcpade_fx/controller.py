@@ -10,7 +10,8 @@ accumulated estimate ``Σ TSI·ω(t)`` stays within the stage tolerance and the 
 
 Budget plan: with a compute budget and a known number of steps, the budget is laid out along the trajectory as a
 plan whose gaps grow with progress (computes at ``P(x) = w − 1 + (N − w)·x^γ`` for evenly spaced ``x``, ``w`` the
-warm-up, ``γ`` the policy's ``budget_warp``), re-planned with the remaining budget after every computed step. On
+warm-up, ``γ`` the policy's ``budget_warp``, flattened on a schedule of unequal steps: ``StepController.warp``),
+re-planned with the remaining budget after every computed step. On
 the bundled trained models a greedy "compute whenever the estimate is above tolerance and the budget allows"
 spent the budget early, left uneven node spacing (an extrapolation far beyond the spacing of its nodes) and lost
 3–4 dB to such a plan at equal compute (bench/SCHEDULE_STUDY.md). The error estimate then moves the plan: a
@@ -38,10 +39,21 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 from .pade import effective_order, needed_nodes
 from .policy import Policy
+
+
+def step_length_ratio(step_sizes: Sequence[float] | None) -> float:
+    """The shortest of a schedule's step lengths over the longest (1: equal steps, or unknown lengths). Within
+    0.1 % of 1 counts as 1: a float32 time grid of equal steps is not exactly even."""
+    sizes = [abs(float(v)) for v in step_sizes or ()]
+    if len(sizes) < 2 or not all(math.isfinite(v) for v in sizes) or max(sizes) <= 0:
+        return 1.0
+    ratio = min(sizes) / max(sizes)
+    return 1.0 if ratio >= 0.999 else ratio
 
 
 @dataclass(frozen=True)
@@ -71,15 +83,24 @@ class StepController:
     normalised residual velocity ``v`` (None for the first point); after a predicted step ``ctl.record_predict()``.
     """
 
-    def __init__(self, policy: Policy, num_steps: int | None = None):
+    def __init__(self, policy: Policy, num_steps: int | None = None, step_sizes: Sequence[float] | None = None):
         self.policy = policy
-        self.reset(num_steps)
+        self.reset(num_steps, step_sizes)
 
-    def reset(self, num_steps: int | None = None) -> None:
-        """Start a new trajectory of ``num_steps`` steps (None: unknown, progress is taken from the times)."""
+    def reset(self, num_steps: int | None = None, step_sizes: Sequence[float] | None = None) -> None:
+        """Start a new trajectory of ``num_steps`` steps (None: unknown, progress is taken from the times).
+
+        ``step_sizes``: the scheduler's step lengths ``|t_j − t_{j+1}|`` (e.g. from its sigmas); on a schedule of
+        unequal steps the plan's warp is flattened (:attr:`warp`, Policy.step_size_weight). None: equal steps."""
         if num_steps is not None and num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.num_steps = num_steps
+        #: the budget plan's warp exponent: the policy's ``budget_warp`` on equal steps, flattened towards 1 as the
+        #: steps grow unequal, ``1 + (γ − 1)·ρ^β`` with ``ρ`` the shortest step over the longest and ``β`` the
+        #: policy's ``step_size_weight``. A time-shifted schedule (SD3 / FLUX / Wan ``shift`` 3: ρ ≈ 0.1) already
+        #: packs its steps where the trajectory bends, so the plan's gaps need not grow (bench/SCHEDULE_STUDY.md)
+        ratio = step_length_ratio(list(step_sizes)[: num_steps - 1] if step_sizes and num_steps else None)
+        self.warp = 1.0 + (self.policy.budget_warp - 1.0) * ratio ** self.policy.step_size_weight
         self.first_time: float | None = None
         self.first_step = 0  # the trajectory's first step (img2img pipelines start part-way into the schedule)
         self.computed_times: deque[float] = deque(maxlen=self.policy.history_size)
@@ -204,7 +225,7 @@ class StepController:
 
     def _warp(self, x: float) -> float:
         w, n = self.warmup, self.num_steps
-        return (w - 1) + (n - w) * x ** self.policy.budget_warp
+        return (w - 1) + (n - w) * x ** self.warp
 
     def _replan(self, after: int) -> None:
         """Lay the budget left after step ``after`` on the steps after it, along the warped progress.
@@ -249,7 +270,7 @@ class StepController:
             return set()
         if points >= span:
             return set(range(after + 1, n))
-        x0 = min(1.0, max(0.0, (after - (w - 1)) / max(n - w, 1))) ** (1.0 / p.budget_warp)
+        x0 = min(1.0, max(0.0, (after - (w - 1)) / max(n - w, 1))) ** (1.0 / self.warp)
         ends = [after] + [self._warp(x0 + (1.0 - x0) * j / points) for j in range(1, points + 1)]
         ends[-1] = n - 1  # exactly, whatever the float warp gives
         exact = [b - a for a, b in zip(ends, ends[1:])]

@@ -73,6 +73,11 @@ class Policy:
             :mod:`tcpade_fx.controller`), which the error estimate moves.
         budget_warp: γ ≥ 1, how fast the planned gaps grow (1: even spacing; 1.3 measured best on the bundled
             models, bench/SCHEDULE_STUDY.md).
+        step_size_weight: β ≥ 0, how far unequal scheduler steps flatten the warp: the plan uses
+            ``1 + (γ − 1)·ρ^β``, ρ the shortest step length over the longest (StepController.warp). A time-shifted
+            flow schedule (SD3 / FLUX / Wan ``shift`` 3, ρ ≈ 0.1–0.2) packs its short steps where the trajectory
+            bends, and there an even plan beat γ = 1.3 on every bundled model (bench/SCHEDULE_STUDY.md). 0: the
+            warp whatever the schedule; no effect on equal steps (shift 1) or unknown steps (a bare transformer).
     Schedule:
         schedule: ``"adaptive"`` (error-controlled horizon) or ``"fixed"`` (compute every ``interval``-th step
             after the early stage, the TaylorSeer/FORA-style baseline).
@@ -107,6 +112,7 @@ class Policy:
     jump_floor: float = 0.25
     compute_budget: float | None = None
     budget_warp: float = 1.3
+    step_size_weight: float = 1.0
     schedule: Schedule = "adaptive"
     interval: int = 3
     mask: str | None = None
@@ -161,6 +167,8 @@ class Policy:
             problems.append(f"compute_budget={self.compute_budget!r} must be None or in (0, 1]")
         if not (isinstance(self.budget_warp, (int, float)) and 1.0 <= self.budget_warp <= 4.0):
             problems.append(f"budget_warp={self.budget_warp!r} must be in [1, 4]")
+        if not (isinstance(self.step_size_weight, (int, float)) and 0.0 <= self.step_size_weight <= 2.0):
+            problems.append(f"step_size_weight={self.step_size_weight!r} must be in [0, 2]")
         if not (isinstance(self.rise_factor, (int, float)) and self.rise_factor >= 1.0):
             problems.append(f"rise_factor={self.rise_factor!r} must be >= 1")
         if not problems and self.method in METHODS:

@@ -89,9 +89,16 @@ def omega(policy: Policy, computed: list[float], t: float, order: int) -> float:
     return math.prod(abs(t - x) for x in hist[-n:])
 
 
-def drive(policy, times, feedback, known=True):
-    """Run one trajectory; ``feedback(i, t, decision, computed)`` returns (error, velocity) at computed steps."""
-    ctl = StepController(policy, len(times) if known else None)
+def step_sizes(times):
+    """The schedule's step lengths, as the runtime hands them to the controller (from the scheduler's grid)."""
+    return [abs(a - b) for a, b in zip(times, times[1:])]
+
+
+def drive(policy, times, feedback, known=True, sized=True):
+    """Run one trajectory; ``feedback(i, t, decision, computed)`` returns (error, velocity) at computed steps.
+    ``sized``: the controller knows the schedule's step lengths (as under a pipeline), so that
+    ``Policy.step_size_weight`` shapes the budget plan."""
+    ctl = StepController(policy, len(times) if known else None, step_sizes(times) if sized and known else None)
     computed: list[float] = []
     for i, t in enumerate(times):
         d = ctl.decide(i, t)
@@ -386,12 +393,13 @@ def budget_policies(draw):
     """Adaptive policies with a budget, no transition (rise_factor huge) and no postponement (tolerance 0)."""
     return draw(policies(schedule="adaptive", rise_min=1.001)).replace(
         compute_budget=draw(st.floats(0.05, 1.0)), rise_factor=1e300, mid_tolerance=0.0, late_tolerance=0.0,
-        budget_warp=draw(st.floats(1.0, 4.0)))
+        budget_warp=draw(st.floats(1.0, 4.0)), step_size_weight=draw(st.floats(0.0, 2.0)))
 
 
 def minimal_computes(policy: Policy, n: int) -> int:
     """Steps the stages, max_skip and the last step force whatever the budget (the fewest any schedule has)."""
     ctl = StepController(policy.replace(compute_budget=None, mid_tolerance=1e300, late_tolerance=1e300), n)
+    # (no step sizes: without a budget there is no plan for them to shape)
     for i in range(n):
         d = ctl.decide(i, 1.0 - i / n)
         (ctl.record_compute(i, 1.0 - i / n, 0.0, 0.0) if d.compute else ctl.record_predict())
@@ -438,6 +446,67 @@ def test_postponed_computations_never_make_the_gaps_shrink(policy, times, expone
     anchors = ([warm[-1]] if warm else []) + steps
     gaps = [b - a for a, b in zip(anchors, anchors[1:])]
     assert gaps == sorted(gaps), "".join("C" if d.compute else "." for d in ctl.decisions)
+
+
+@FAST
+@given(policy=budget_policies(), n=st.integers(3, 60), scale=st.sampled_from([1.0, 1000.0]),
+       exponent=st.floats(-3, 4))
+def test_equal_steps_leave_the_plan_to_the_warp_whatever_the_step_size_weight(policy, n, scale, exponent):
+    """On a schedule of equal steps (shift 1) the plan is the warp's alone: the weight changes nothing."""
+    times = [scale * (1.0 - i / n) for i in range(n)]
+    weighted = drive(policy, times, constant_tsi(policy, 10.0**exponent))
+    plain = drive(policy.replace(step_size_weight=0.0), times, constant_tsi(policy, 10.0**exponent), sized=False)
+    assert fingerprint(weighted) == fingerprint(plain)
+
+
+def shifted(n: int, shift: float) -> list[float]:
+    """The sigmas of a flow-matching schedule with time shift ``shift`` (SD3 / FLUX / Wan: late steps long)."""
+    s = [1.0 - i / n for i in range(n)]
+    return [shift * x / (1 + (shift - 1) * x) for x in s]
+
+
+def mid_gaps(ctl: StepController) -> list[int]:
+    steps = [d.step for d in ctl.decisions if d.compute and d.stage != "early"]
+    warm = [d.step for d in ctl.decisions if d.stage == "early"]
+    anchors = ([warm[-1]] if warm else []) + steps
+    return [b - a for a, b in zip(anchors, anchors[1:])]
+
+
+@FAST
+@given(policy=budget_policies(), times=schedules(min_steps=3), exponent=st.floats(-3, 4))
+def test_unequal_steps_flatten_the_warp_and_nothing_else(policy, times, exponent):
+    """The step lengths act on the plan only through its warp: between 1 and the policy's, the policy's on equal
+    steps, and the decisions are those of a policy with that warp and no step lengths."""
+    ctl = drive(policy, times, constant_tsi(policy, 10.0**exponent))
+    assert 1.0 <= ctl.warp <= policy.budget_warp
+    sizes = step_sizes(times)
+    if max(sizes) - min(sizes) <= 1e-4 * max(sizes) or policy.step_size_weight == 0:
+        assert ctl.warp == policy.budget_warp
+    same = drive(policy.replace(budget_warp=ctl.warp, step_size_weight=0.0), times,
+                 constant_tsi(policy, 10.0**exponent), sized=False)
+    assert fingerprint(same) == fingerprint(ctl)
+
+
+@FAST
+@given(n=st.integers(3, 80), low=st.floats(1.0, 6.0), high=st.floats(1.0, 6.0), beta=st.floats(0.0, 2.0))
+def test_a_stronger_time_shift_flattens_the_warp_more(n, low, high, beta):
+    low, high = min(low, high), max(low, high)
+    policy = Policy.preset("balanced").replace(step_size_weight=beta)
+    mild, strong = (StepController(policy, n, step_sizes(shifted(n, s))) for s in (low, high))
+    assert strong.warp <= mild.warp + 1e-12
+
+
+def shifted(n: int, shift: float) -> list[float]:
+    """The sigmas of a flow-matching schedule with time shift ``shift`` (SD3 / FLUX / Wan: late steps long)."""
+    s = [1.0 - i / n for i in range(n)]
+    return [shift * x / (1 + (shift - 1) * x) for x in s]
+
+
+def test_unknown_or_degenerate_step_sizes_leave_the_warp_as_it_is():
+    policy = Policy.preset("balanced").replace(step_size_weight=1.0)
+    for sizes in (None, [], [0.0] * 27, [math.nan] * 27, [1.0] * 5, [2.0] * 27):
+        assert StepController(policy, 28, sizes).warp == policy.budget_warp, sizes
+    assert StepController(policy, 28, step_sizes(shifted(28, 3.0))).warp < 1.1  # Wan's default shift: ~even
 
 
 @FAST

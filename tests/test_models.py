@@ -89,3 +89,21 @@ def test_bfloat16_timesteps_keep_every_step_apart(latents):
     times = torch.tensor([r.time for r in records], dtype=torch.float64)
     assert torch.allclose(times / sigmas, times[:1] / sigmas[:1], rtol=1e-6)  # the scheduler's grid, exactly
     assert records[-1].computed
+
+
+def test_a_time_shifted_schedule_flattens_the_budget_plan(latents):
+    """The scheduler's step lengths reach the plan: at Wan / SD3's time shift 3 (short early steps, long late ones)
+    "balanced" plans evenly (its warp flattened, Policy.step_size_weight), at shift 1 as its warp says."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    def schedule(shift, **change):
+        pipe = models.load("mnist-dit")
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        tcpade_fx.compile(pipe, policy=tcpade_fx.Policy.preset("balanced").replace(**change))
+        pipe(LABELS[:2], latents=latents[:2], num_inference_steps=STEPS, guidance_scale=1.5, output_type="pt")
+        return pipe.tcpade.stats.decisions(0)
+
+    assert schedule(1.0) == schedule(1.0, step_size_weight=0.0)
+    shifted = schedule(3.0)
+    assert shifted != schedule(3.0, step_size_weight=0.0)
+    assert shifted == schedule(3.0, budget_warp=1.0)
