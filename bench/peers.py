@@ -518,8 +518,8 @@ def preset_targets(bench, n: int) -> tuple[float, ...]:
 
     out = []
     for preset in PRESETS:  # the benchmark's own row (not an --fd-only one), so both runs pick the same thresholds
-        rows = [r for (steps, label, _), r in bench.done.items()
-                if steps == n and label == f"TC-Padé {preset}" and not r.get("fd_only")]
+        rows = [r for (steps, label, _, shift), r in bench.done.items()
+                if steps == n and label == f"TC-Padé {preset}" and shift == bench.shift and not r.get("fd_only")]
         out.append(round(rows[0]["compute"], 3) if rows else Policy.preset(preset).compute_budget)
     return tuple(out)
 
