@@ -1,6 +1,6 @@
 """The budget plan on time-shifted schedules: the warp as the policy says (γ = 1.3 whatever the schedule), an even
-plan (γ = 1) and the shipped rule (the warp flattened by the step lengths, ``StepController.warp``), PSNR vs the
-full Euler run at the same shift, on the benchmark's seeds.
+plan (γ = 1), and the warp flattened by the step lengths (``StepController.warp``) at β = 1 and as shipped; PSNR
+vs the full Euler run at the same shift, on the benchmark's seeds.
 
     python bench/shift_study.py                      # 3 shifts x 4 models x 20/28/50 steps, 16 samples: ~1 h
     python bench/shift_study.py --models mnist-dit-heldout --shifts 2 --steps 20 28
@@ -28,7 +28,8 @@ from tcpade_fx import Policy, metrics  # noqa: E402
 VARIANTS = {
     "warp 1.3 (step lengths ignored)": dict(step_size_weight=0.0),
     "even plan (γ = 1)": dict(budget_warp=1.0, step_size_weight=0.0),
-    "shipped (warp flattened by the step lengths)": {},
+    "β = 1 (warp flattened to the even plan)": dict(step_size_weight=1.0),
+    "shipped (β = 0.5)": {},
 }
 
 

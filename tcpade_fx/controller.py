@@ -97,8 +97,8 @@ class StepController:
         self.num_steps = num_steps
         #: the budget plan's warp exponent: the policy's ``budget_warp`` on equal steps, flattened towards 1 as the
         #: steps grow unequal, ``1 + (γ − 1)·ρ^β`` with ``ρ`` the shortest step over the longest and ``β`` the
-        #: policy's ``step_size_weight``. A time-shifted schedule (SD3 / FLUX / Wan ``shift`` 3: ρ ≈ 0.1) already
-        #: packs its steps where the trajectory bends, so the plan's gaps need not grow (bench/SCHEDULE_STUDY.md)
+        #: policy's ``step_size_weight``. A time-shifted schedule (SD3 / FLUX / Wan ``shift`` 3: ρ ≈ 0.12) already
+        #: packs its steps where the trajectory bends, so the plan's gaps need grow less (bench/SCHEDULE_STUDY.md)
         ratio = step_length_ratio(list(step_sizes)[: num_steps - 1] if step_sizes and num_steps else None)
         self.warp = 1.0 + (self.policy.budget_warp - 1.0) * ratio ** self.policy.step_size_weight
         self.first_time: float | None = None

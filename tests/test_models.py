@@ -93,7 +93,8 @@ def test_bfloat16_timesteps_keep_every_step_apart(latents):
 
 def test_a_time_shifted_schedule_flattens_the_budget_plan(latents):
     """The scheduler's step lengths reach the plan: at Wan / SD3's time shift 3 (short early steps, long late ones)
-    "balanced" plans evenly (its warp flattened, Policy.step_size_weight), at shift 1 as its warp says."""
+    "balanced" flattens its warp (Policy.step_size_weight; at 20 steps down to the even plan's schedule), at
+    shift 1 it plans as its warp says."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     def schedule(shift, **change):
