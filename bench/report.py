@@ -181,6 +181,7 @@ def video_section(groups: dict, noises: dict) -> list[str]:
     """The ``mnist-wan`` part of BENCHMARKS.md: what differs from the image models, the paper's Wan number beside
     ours, the summary and the tables."""
     guidance = sorted({r.get("guidance") for g in groups.values() for r in g if r.get("guidance") is not None})
+    shifts = sorted({r.get("shift", 1.0) for g in groups.values() for r in g})
     presets = sorted((r for g in groups.values() for r in g if r["family"] == "tcpade"),
                      key=lambda r: (r["steps"], -r["compute"]))
     lines = [
@@ -188,7 +189,10 @@ def video_section(groups: dict, noises: dict) -> list[str]:
         "The bundled moving-digit video model (8 frames of 28×28 per clip, 4 Wan blocks, hidden 128; "
         "`tcpade_fx.models.wan`), classifier-free guidance "
         f"{', '.join(f'{g:g}' for g in guidance) or '—'} (the pipeline's default, `wan.DEFAULT_GUIDANCE`) as two "
-        "transformer calls per step, each in its cache context, as `WanPipeline` does. The rows are those of the "
+        "transformer calls per step, each in its cache context, as `WanPipeline` does. Every Euler / UniPC row "
+        f"(full runs included) samples at the time shift {', '.join(f'{x:g}' for x in shifts) or '—'} of the "
+        "bundled scheduler (Wan's default; rows at shift 1 are in `bench/results/superseded-mnist-wan-shift1.jsonl`). "
+        "The rows are those of the "
         "image models; the metrics are taken over frames: *PSNR vs full* over all frames of all clips, *SSIM* "
         "averaged over frames, *FD* / *KID* on per-frame features of the bundled classifier after "
         "`wan.mnist_normalise` (as `examples/eval_wan.py`) against the 5,000 frames of 625 real moving-digit clips "
