@@ -351,7 +351,6 @@ class TCPadeRuntime:
         self._num_steps: int | None = None
         self._driven = False
         self._time_grids: list[_TimeGrid] = []
-        self._step_sizes: list[float] | None = None
         self._step_index: Callable[[], int | None] | None = None
         # exported graphs carry their own weights: a model change cannot be followed, only refused
         self._fingerprint: ModelFingerprint | None = model_fingerprint(module) if graph_source else None
@@ -409,9 +408,6 @@ class TCPadeRuntime:
                 "a few-step model costs quality for little gain; lower min_steps to cache anyway)")
         self._driven = schedule is not None
         self._time_grids = [_TimeGrid([float(v) for v in grid]) for grid in schedule or ()]
-        # the first grid's step lengths (a flow scheduler's sigmas), for the budget plan (Policy.step_size_weight)
-        first = self._time_grids[0].values if self._time_grids else []
-        self._step_sizes = [abs(a - b) for a, b in zip(first, first[1:])] or None
         self._step_index = step_index
 
     def follow_model(self) -> bool:
@@ -683,17 +679,22 @@ class TCPadeRuntime:
                 )
                 self.reset()
                 self._num_steps = None  # begin() was not called for this trajectory: an earlier num_steps is stale
-                self._step_sizes = None
             self._step += 1
             self._position = 0
             self._last_time = time
         key = context if context is not None else self._position
         if key not in self._branches:
-            self._branches[key] = Branch(StepController(self.policy, self._num_steps, self._step_sizes),
+            self._branches[key] = Branch(StepController(self.policy, self._num_steps, self._step_lengths()),
                                          index=len(self._branches),
                                          per_sample=self.policy.per_sample,
                                          history_dtype=self.policy.history_torch_dtype)
         return self._branches[key]
+
+    def _step_lengths(self) -> list[float] | None:
+        """The first time grid's step lengths (a flow scheduler's sigmas), for the budget plan
+        (Policy.step_size_weight); None without a grid (a bare transformer)."""
+        first = self._time_grids[0].values if self._time_grids else []
+        return [abs(a - b) for a, b in zip(first, first[1:])] or None
 
     def _driven_time(self, timestep: torch.Tensor, branch: Branch) -> tuple[float | None, torch.Tensor | None]:
         """The time of a pipeline-driven call, without a host read where possible: ``(time, None)``, or ``(None,

@@ -465,13 +465,6 @@ def shifted(n: int, shift: float) -> list[float]:
     return [shift * x / (1 + (shift - 1) * x) for x in s]
 
 
-def mid_gaps(ctl: StepController) -> list[int]:
-    steps = [d.step for d in ctl.decisions if d.compute and d.stage != "early"]
-    warm = [d.step for d in ctl.decisions if d.stage == "early"]
-    anchors = ([warm[-1]] if warm else []) + steps
-    return [b - a for a, b in zip(anchors, anchors[1:])]
-
-
 @FAST
 @given(policy=budget_policies(), times=schedules(min_steps=3), exponent=st.floats(-3, 4))
 def test_unequal_steps_flatten_the_warp_and_nothing_else(policy, times, exponent):
@@ -494,12 +487,6 @@ def test_a_stronger_time_shift_flattens_the_warp_more(n, low, high, beta):
     policy = Policy.preset("balanced").replace(step_size_weight=beta)
     mild, strong = (StepController(policy, n, step_sizes(shifted(n, s))) for s in (low, high))
     assert strong.warp <= mild.warp + 1e-12
-
-
-def shifted(n: int, shift: float) -> list[float]:
-    """The sigmas of a flow-matching schedule with time shift ``shift`` (SD3 / FLUX / Wan: late steps long)."""
-    s = [1.0 - i / n for i in range(n)]
-    return [shift * x / (1 + (shift - 1) * x) for x in s]
 
 
 def test_unknown_or_degenerate_step_sizes_leave_the_warp_as_it_is():
