@@ -18,6 +18,9 @@ projections, below 2 % of the stack's matmul FLOPs on these models). What is pre
   ``peers.taylorseer_identifiers``: Flux single blocks forecast ``proj_out`` and skip ``attn`` / ``proj_mlp``):
   adaLN, gates and the residual adds stay live, so the time-embedding path of every block is exact.
 
+mnist-wan (``--models mnist-wan``) samples as the benchmark does (guidance 5 as two calls per step, the bundled
+shift-3 Euler scheduler); its finer units keep one history per guidance branch, as the library does.
+
 Extrapolants on the finer units: Padé [1/1] (``tcpade_fx.pade.extrapolate``, per sample, newest 3 computed values)
 and Taylor-1 (newest 2), in the model's time. Seeds 3000.. (used by no other study, preset or benchmark), guidance
 1.5 as the benchmark. PSNR against the full run of the same seeds (Euler, same steps).
@@ -38,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import tcpade_fx  # noqa: E402
-from benchmark import sample_images as sample  # noqa: E402
+from benchmark import Bench, sample_images as sample  # noqa: E402
 from tcpade_fx import Policy, metrics, models  # noqa: E402
 from tcpade_fx.pade import extrapolate  # noqa: E402
 
@@ -50,9 +53,12 @@ class UnitForecaster:
     """Replaces the outputs of chosen submodules on the schedule's predicted steps by extrapolations of their own
     computed outputs (a study harness: plain Python wrappers on ``forward``, one state per pipeline call)."""
 
-    def __init__(self, transformer: torch.nn.Module, mask: str, method: str, units: str):
-        self.mask, self.method, self.step, self.time = mask, method, -1, 0.0
-        self.histories: dict[str, list[tuple[float, tuple[torch.Tensor, ...]]]] = {}
+    def __init__(self, transformer: torch.nn.Module, mask: str, method: str, units: str, branches: int = 1):
+        self.mask, self.method, self.time = mask, method, 0.0
+        #: transformer calls per denoising step (2 for mnist-wan's separate-call guidance: cond, then uncond); each
+        #: branch forecasts from its own history, as the library's per-branch state does
+        self.branches, self.calls = branches, -1
+        self.histories: dict[tuple[str, int], list[tuple[float, tuple[torch.Tensor, ...]]]] = {}
         self.shapes: dict[str, torch.Tensor] = {}
         transformer.register_forward_pre_hook(self._on_call, with_kwargs=True)
         forecast, skip = unit_patterns(transformer, units)
@@ -61,13 +67,19 @@ class UnitForecaster:
                 self._wrap(name, module, units == "block")
             elif any(re.fullmatch(p, name) for p in skip):
                 self._wrap_skip(name, module)
-        if not self.histories:
+        if not getattr(self, "units", 0):
             raise RuntimeError(f"no {units} unit matched in {type(transformer).__name__}")
 
     def reset(self) -> None:
-        self.step = -1
-        for h in self.histories.values():
-            h.clear()
+        self.calls = -1
+        self.histories.clear()
+
+    @property
+    def step(self) -> int:
+        return self.calls // self.branches
+
+    def history(self, name: str) -> list:
+        return self.histories.setdefault((name, self.calls % self.branches), [])
 
     @property
     def computing(self) -> bool:
@@ -75,12 +87,12 @@ class UnitForecaster:
 
     def _on_call(self, module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        self.step += 1
+        self.calls += 1
         self.time = float(t.flatten()[0])
 
     def _wrap(self, name: str, module: torch.nn.Module, residual: bool) -> None:
         original = module.forward
-        self.histories[name] = []
+        self.units = getattr(self, "units", 0) + 1
 
         def forward(*args, **kwargs):
             streams = _block_inputs(module, args, kwargs) if residual else None
@@ -88,11 +100,11 @@ class UnitForecaster:
                 out = original(*args, **kwargs)
                 outs = _as_tuple(out)
                 values = tuple(o - s for o, s in zip(outs, streams)) if residual else outs
-                hist = self.histories[name]
+                hist = self.history(name)
                 hist.append((self.time, tuple(v.detach().clone() for v in values)))
                 del hist[:-HISTORY]
                 return out
-            hist = self.histories[name]
+            hist = self.history(name)
             times = [t for t, _ in hist]
             preds = tuple(extrapolate(times, [v[i] for _, v in hist], self.time, method=self.method, order=1)
                           for i in range(len(hist[-1][1])))
@@ -136,28 +148,51 @@ def unit_patterns(transformer, units: str) -> tuple[list[str], list[str]]:
     return taylorseer_identifiers(transformer, block_level=False)
 
 
-def run_cell(model: str, steps: int, preset: str, labels, latents, full,
+class Cell:
+    """How one model is loaded and sampled in this study: the image models through ``models.load`` at guidance 1.5
+    (Euler, shift 1); mnist-wan through the benchmark's :class:`benchmark.Bench` (its guidance 5 as two calls per
+    step and its shift-3 Euler scheduler, as a default call samples)."""
+
+    def __init__(self, model: str, seeds: list[int]):
+        self.model, self.labels = model, [s % 10 for s in seeds]
+        self.bench = Bench(model, len(seeds), 0, 0, len(seeds)) if model == "mnist-wan" else None
+        self.branches = 2 if self.bench else 1
+        self.latents = self.bench.latents_for(seeds) if self.bench else metrics.seeded_latents(seeds)
+
+    def load(self, policy=None):
+        if self.bench:
+            return self.bench.pipe(self.bench.euler(), policy)
+        pipe = models.load(self.model)
+        if policy is not None:
+            tcpade_fx.compile(pipe, policy=policy)
+        return pipe
+
+    def draw(self, pipe, steps: int) -> torch.Tensor:
+        if self.bench:
+            return self.bench.sample(pipe, steps, self.labels, self.latents)
+        return sample(pipe, self.labels, self.latents, steps)
+
+
+def run_cell(cell: Cell, steps: int, preset: str, full,
              mask: str | None = None) -> tuple[str, list[tuple[str, str, float, float]]]:
     """The rows of one cell; ``mask``: a given schedule instead of the preset's (then no TC-Padé row)."""
     rows = []
     if mask is None:
-        pipe = models.load(model)
-        tcpade_fx.compile(pipe, policy=preset)
-        images = sample(pipe, labels, latents, steps)
+        pipe = cell.load(preset)
+        images = cell.draw(pipe, steps)
         mask = pipe.tcpade.stats.decisions()
         rows.append(("stack", f"TC-Padé {preset}", mask.count("C") / len(mask), metrics.psnr(full, images)))
     compute = mask.count("C") / len(mask)
     for method, name in (("pade", "Padé [1/1]"), ("taylor", "Taylor-1")):
-        pipe = models.load(model)
-        tcpade_fx.compile(pipe, policy=Policy(method=method, order=1, late_order=1, schedule="explicit", mask=mask,
-                                              modulate_denominator=False))
-        rows.append(("stack", name, compute, metrics.psnr(full, sample(pipe, labels, latents, steps))))
+        pipe = cell.load(Policy(method=method, order=1, late_order=1, schedule="explicit", mask=mask,
+                                modulate_denominator=False))
+        rows.append(("stack", name, compute, metrics.psnr(full, cell.draw(pipe, steps))))
     for units in ("block", "module"):
         for method, name in (("pade", "Padé [1/1]"), ("taylor", "Taylor-1")):
-            pipe = models.load(model)
-            forecaster = UnitForecaster(pipe.transformer, mask, method, units)
+            pipe = cell.load()
+            forecaster = UnitForecaster(pipe.transformer, mask, method, units, cell.branches)
             forecaster.reset()
-            rows.append((units, name, compute, metrics.psnr(full, sample(pipe, labels, latents, steps))))
+            rows.append((units, name, compute, metrics.psnr(full, cell.draw(pipe, steps))))
     return mask, rows
 
 
@@ -174,19 +209,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = list(range(SEED0, SEED0 + args.samples))
-    labels = [s % 10 for s in seeds]
-    latents = metrics.seeded_latents(seeds)
     lines = ["| model | N | preset | schedule | granularity | extrapolant | compute | PSNR vs full |",
              "|---|---|---|---|---|---|---|---|"]
     for model in args.models:
+        cell = Cell(model, seeds)
         for steps in args.steps:
-            full = sample(models.load(model), labels, latents, steps)
+            full = cell.draw(cell.load(), steps)
             for preset in args.presets if args.taylorseer_schedule is None else [f"TaylorSeer k={args.taylorseer_schedule}"]:
                 given = None
                 if args.taylorseer_schedule is not None:
                     warm, k = min(steps, max(3, math.ceil(0.1 * (steps - 1)))), args.taylorseer_schedule
                     given = "".join("C" if i < warm or (i - warm) % k == 0 else "." for i in range(steps))
-                mask, rows = run_cell(model, steps, preset, labels, latents, full, given)
+                mask, rows = run_cell(cell, steps, preset, full, given)
                 for units, name, compute, psnr in rows:
                     line = f"| {model} | {steps} | {preset} | `{mask}` | {units} | {name} | {compute:.2f} | {psnr:.2f} |"
                     lines.append(line)
