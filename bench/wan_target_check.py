@@ -2,6 +2,7 @@
 fewer steps (UniPC and Euler), PSNR over all frames vs the full Euler run, at 20 and 28 steps.
 
     python bench/wan_target_check.py                # 100 clips, about 15 min on one core
+    python bench/wan_target_check.py --cells 20 --schedule 'C.C.C..C..C..C...C.C'   # and a given schedule
 
 The runs are the benchmark's own (:class:`benchmark.Bench`: its seeds, latents, guidance, schedulers and cached
 full-run references); nothing is written to the benchmark's results.
@@ -21,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from benchmark import Bench  # noqa: E402
-from tcpade_fx import metrics  # noqa: E402
+from tcpade_fx import Policy, metrics  # noqa: E402
 
 #: steps N -> the computed steps of "balanced" (0.40 / 0.43 compute), the fewer-steps rows' step count
 CELLS = {20: 8, 28: 12}
@@ -31,17 +32,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--batch", type=int, default=25)
+    ap.add_argument("--schedule", action="append", default=[], metavar="MASK",
+                    help="also read balanced's policy on this explicit schedule (C computed, . predicted) at the "
+                         "mask's length in steps, e.g. the best of bench/wan_mask_search.py; repeatable")
+    ap.add_argument("--cells", nargs="+", type=int, default=list(CELLS), help="the step counts to read (20 28)")
     ap.add_argument("--shift", type=float, default=None,
                     help="the schedulers' time shift (default: the bundled scheduler's, 3)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     bench = Bench("mnist-wan", args.samples, timing_samples=0, repeats=0, batch=args.batch, shift=args.shift)
     psnr = {}
-    for n, few in CELLS.items():
+    for n, few in ((n, CELLS[n]) for n in args.cells):
         full = bench.reference("euler", lambda: bench.pipe(bench.euler()), n)
         rows = [("TC-Padé balanced", lambda: bench.pipe(bench.euler(), "balanced"), n),
                 (f"fewer steps UniPC ({few})", lambda: bench.pipe(bench.unipc()), few),
                 (f"fewer steps Euler ({few})", lambda: bench.pipe(bench.euler()), few)]
+        for mask in (m for m in args.schedule if len(m) == n):
+            policy = Policy.preset("balanced").replace(schedule="explicit", mask=mask)
+            rows.append((f"balanced on `{mask}`", lambda policy=policy: bench.pipe(bench.euler(), policy), n))
         for label, make, steps in rows:
             psnr[f"{n} {label}"] = round(metrics.psnr(full, bench.sample(make(), steps)), 2)
             print(n, label, psnr[f"{n} {label}"], flush=True)
