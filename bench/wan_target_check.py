@@ -3,6 +3,7 @@ fewer steps (UniPC and Euler), PSNR over all frames vs the full Euler run, at 20
 
     python bench/wan_target_check.py                # 100 clips, about 15 min on one core
     python bench/wan_target_check.py --cells 20 --schedule 'C.C.C..C..C..C...C.C'   # and a given schedule
+    python bench/wan_target_check.py --cells 28 --module-taylor    # and TaylorSeer's units on balanced's schedule
 
 The runs are the benchmark's own (:class:`benchmark.Bench`: its seeds, latents, guidance, schedulers and cached
 full-run references); nothing is written to the benchmark's results.
@@ -35,6 +36,10 @@ def main() -> None:
     ap.add_argument("--schedule", action="append", default=[], metavar="MASK",
                     help="also read balanced's policy on this explicit schedule (C computed, . predicted) at the "
                          "mask's length in steps, e.g. the best of bench/wan_mask_search.py; repeatable")
+    ap.add_argument("--module-taylor", action="store_true",
+                    help="also read Taylor-1 forecasts of every block's attention / FFN outputs (diffusers TaylorSeer's "
+                         "units, the harness of bench/granularity_study.py) on balanced's schedule: the granularity "
+                         "the library does not have")
     ap.add_argument("--cells", nargs="+", type=int, default=list(CELLS), help="the step counts to read (20 28)")
     ap.add_argument("--shift", type=float, default=None,
                     help="the schedulers' time shift (default: the bundled scheduler's, 3)")
@@ -52,6 +57,18 @@ def main() -> None:
             rows.append((f"balanced on `{mask}`", lambda policy=policy: bench.pipe(bench.euler(), policy), n))
         for label, make, steps in rows:
             psnr[f"{n} {label}"] = round(metrics.psnr(full, bench.sample(make(), steps)), 2)
+            print(n, label, psnr[f"{n} {label}"], flush=True)
+            if label == "TC-Padé balanced":
+                balanced_schedule = bench.schedules[0]
+        if args.module_taylor:
+            from granularity_study import UnitForecaster
+
+            pipe = bench.pipe(bench.euler())
+            UnitForecaster(pipe.transformer, balanced_schedule, "taylor", "module", branches=2)
+            batch, bench.batch = bench.batch, args.samples  # the harness keeps one state per pipeline call
+            label = "module Taylor-1 on balanced's schedule"
+            psnr[f"{n} {label}"] = round(metrics.psnr(full, bench.sample(pipe, n)), 2)
+            bench.batch = batch
             print(n, label, psnr[f"{n} {label}"], flush=True)
     print(json.dumps({"shift": bench.shift, **psnr}))
 
