@@ -77,6 +77,8 @@ class ImageSamples:
     output = "images"
     latent_shape = (1, 28, 28)
     guidance = GUIDANCE
+    #: transformer calls per denoising step at this guidance (the image pipelines batch both guidance branches)
+    calls_per_step = 1
 
     def frames(self, samples: torch.Tensor) -> torch.Tensor:
         """The samples as (N, 1, 28, 28) frames for PSNR / SSIM."""
@@ -99,6 +101,7 @@ class VideoSamples(ImageSamples):
     """``mnist-wan`` clips (B, F, 1, 28, 28) in ``.frames``; the metrics are per frame (see the module docstring)."""
 
     output = "frames"
+    calls_per_step = 2  # guidance as two transformer calls per step, cond then uncond, as WanPipeline does
     REAL_CLIPS = 625
     REAL_SEED0 = 20_000
 

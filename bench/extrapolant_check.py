@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from benchmark import Bench  # noqa: E402
-from tcpade_fx import Policy, metrics  # noqa: E402
+from granularity_study import replay_policy  # noqa: E402
+from tcpade_fx import metrics  # noqa: E402
 
 
 def per_sample_mse(full: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -49,8 +50,7 @@ def main() -> None:
                 rows = {f"TC-Padé {preset}": bench.sample(bench.pipe(bench.euler(), preset), n, **given)}
                 mask = bench.schedules[0]
                 for method, label in (("pade", "Padé [1/1]"), ("taylor", "Taylor-1")):
-                    policy = Policy(method=method, order=1, late_order=1, schedule="explicit", mask=mask,
-                                    modulate_denominator=False)
+                    policy = replay_policy(method, mask)
                     rows[f"{label} on {preset} schedule"] = bench.sample(bench.pipe(bench.euler(), policy), n, **given)
                 preset_mse = per_sample_mse(full, rows[f"TC-Padé {preset}"])
                 for label, out in rows.items():

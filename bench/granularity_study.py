@@ -60,6 +60,7 @@ class UnitForecaster:
         self.branches, self.calls = branches, -1
         self.histories: dict[tuple[str, int], list[tuple[float, tuple[torch.Tensor, ...]]]] = {}
         self.shapes: dict[str, torch.Tensor] = {}
+        self.units = 0  # modules whose outputs are forecast
         transformer.register_forward_pre_hook(self._on_call, with_kwargs=True)
         forecast, skip = unit_patterns(transformer, units)
         for name, module in transformer.named_modules():
@@ -67,7 +68,7 @@ class UnitForecaster:
                 self._wrap(name, module, units == "block")
             elif any(re.fullmatch(p, name) for p in skip):
                 self._wrap_skip(name, module)
-        if not getattr(self, "units", 0):
+        if not self.units:
             raise RuntimeError(f"no {units} unit matched in {type(transformer).__name__}")
 
     def reset(self) -> None:
@@ -92,7 +93,7 @@ class UnitForecaster:
 
     def _wrap(self, name: str, module: torch.nn.Module, residual: bool) -> None:
         original = module.forward
-        self.units = getattr(self, "units", 0) + 1
+        self.units += 1
 
         def forward(*args, **kwargs):
             streams = _block_inputs(module, args, kwargs) if residual else None
@@ -156,7 +157,7 @@ class Cell:
     def __init__(self, model: str, seeds: list[int]):
         self.model, self.labels = model, [s % 10 for s in seeds]
         self.bench = Bench(model, len(seeds), 0, 0, len(seeds)) if model == "mnist-wan" else None
-        self.branches = 2 if self.bench else 1
+        self.branches = self.bench.kind.calls_per_step if self.bench else 1
         self.latents = self.bench.latents_for(seeds) if self.bench else metrics.seeded_latents(seeds)
 
     def load(self, policy=None):
@@ -173,6 +174,11 @@ class Cell:
         return sample(pipe, self.labels, self.latents, steps)
 
 
+def replay_policy(method: str, mask: str) -> Policy:
+    """The plain extrapolant ``method`` (order 1, no modulation) on the explicit schedule ``mask``."""
+    return Policy(method=method, order=1, late_order=1, schedule="explicit", mask=mask, modulate_denominator=False)
+
+
 def run_cell(cell: Cell, steps: int, preset: str, full,
              mask: str | None = None) -> tuple[str, list[tuple[str, str, float, float]]]:
     """The rows of one cell; ``mask``: a given schedule instead of the preset's (then no TC-Padé row)."""
@@ -184,8 +190,7 @@ def run_cell(cell: Cell, steps: int, preset: str, full,
         rows.append(("stack", f"TC-Padé {preset}", mask.count("C") / len(mask), metrics.psnr(full, images)))
     compute = mask.count("C") / len(mask)
     for method, name in (("pade", "Padé [1/1]"), ("taylor", "Taylor-1")):
-        pipe = cell.load(Policy(method=method, order=1, late_order=1, schedule="explicit", mask=mask,
-                                modulate_denominator=False))
+        pipe = cell.load(replay_policy(method, mask))
         rows.append(("stack", name, compute, metrics.psnr(full, cell.draw(pipe, steps))))
     for units in ("block", "module"):
         for method, name in (("pade", "Padé [1/1]"), ("taylor", "Taylor-1")):

@@ -107,7 +107,7 @@ def measure(model: str, preset: str, steps: int, repeats: int) -> dict:
     seeds = list(range(16))
     kind_of = SAMPLES.get(model, ImageSamples)()  # mnist-wan: clip latents, guidance 5 as two calls per step
     labels, latents = [s % 10 for s in seeds], metrics.seeded_latents(seeds, kind_of.latent_shape)
-    branches = 2 if model == "mnist-wan" else 1
+    branches = kind_of.calls_per_step
     pipes = {"full": models.load(model), "tc": tcpade_fx.compile(models.load(model), policy=preset)}
     for pipe in pipes.values():
         instrument_calls(pipe)

@@ -100,16 +100,23 @@ class MeasuredStack(torch.nn.Module):
 
     def _measure(self, step: int) -> None:
         (h_c, r_c, temb_c), (h_u, r_u, temb_u) = self.seen[0], self.seen[1]
-        out_c, out_u = (lambda v: self.tail(v, temb_c)), (lambda v: self.tail(v, temb_u))
         h = self.times[step] - (self.times[step + 1] if step + 1 < len(self.times) else 0.0)
+        ln = lambda v, temb: F.layer_norm(v, v.shape[-1:], eps=1e-6)  # noqa: E731
+        views = {"residual": lambda v, temb: v, "ln": ln, "out": self.tail}  # what a residual is seen as
+        # the true values in each view, once per step: (cond, uncond), the streams the residuals are added to
+        streams = {"residual": (0.0, 0.0), "ln": (h_c, h_u), "out": (h_c, h_u)}
+        truth = {name: (f(streams[name][0] + r_c, temb_c), f(streams[name][1] + r_u, temb_u))
+                 for name, f in views.items()}
+
+        def guided_error(name: str, p_c: torch.Tensor, p_u: torch.Tensor) -> torch.Tensor:
+            f, (s_c, s_u), (t_c, t_u) = views[name], streams[name], truth[name]
+            return self.g * (f(s_c + p_c, temb_c) - t_c) + (1 - self.g) * (f(s_u + p_u, temb_u) - t_u)
+
         guided = self.g * r_c + (1 - self.g) * r_u
-        ln = lambda v: F.layer_norm(v, v.shape[-1:], eps=1e-6)  # noqa: E731
         row = {"step": step}
         for k in KINDS:
             p_c, p_u = self.preds[k, 0], self.preds[k, 1]
-            e = self.g * (p_c - r_c) + (1 - self.g) * (p_u - r_u)
-            e_ln = self.g * (ln(h_c + p_c) - ln(h_c + r_c)) + (1 - self.g) * (ln(h_u + p_u) - ln(h_u + r_u))
-            e_out = self.g * (out_c(h_c + p_c) - out_c(h_c + r_c)) + (1 - self.g) * (out_u(h_u + p_u) - out_u(h_u + r_u))
+            e, e_ln, e_out = (guided_error(name, p_c, p_u) for name in ("residual", "ln", "out"))
             row[k] = round(float(e.norm() / guided.norm()), 4)
             row[k + "_out"] = float(e_out.norm())
             s = self.sums[k]

@@ -64,7 +64,7 @@ def main() -> None:
             from granularity_study import UnitForecaster
 
             pipe = bench.pipe(bench.euler())
-            UnitForecaster(pipe.transformer, balanced_schedule, "taylor", "module", branches=2)
+            UnitForecaster(pipe.transformer, balanced_schedule, "taylor", "module", bench.kind.calls_per_step)
             batch, bench.batch = bench.batch, args.samples  # the harness keeps one state per pipeline call
             label = "module Taylor-1 on balanced's schedule"
             psnr[f"{n} {label}"] = round(metrics.psnr(full, bench.sample(pipe, n)), 2)
