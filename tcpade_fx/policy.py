@@ -14,9 +14,11 @@ from typing import Literal
 import torch
 
 from .pade import needed_nodes
+from .passes.units import GRANULARITIES
 
 Method = Literal["pade", "taylor", "reuse"]
 Schedule = Literal["adaptive", "fixed", "explicit"]
+Granularity = Literal["stack", "modules"]
 
 METHODS: tuple[str, ...] = ("pade", "taylor", "reuse")
 SCHEDULES: tuple[str, ...] = ("adaptive", "fixed", "explicit")
@@ -43,7 +45,13 @@ class Policy:
             ``"float16"`` or ``"model"`` (the residual's own dtype, e.g. a bfloat16 model's). The fit and the
             weighted sum are float32 whatever it is; a narrower store halves the history's memory and costs
             quality (bench/HISTORY_DTYPE.md).
-    Adaptive coefficient modulation:
+        granularity: what a predicted step predicts. ``"stack"`` (default): the residual of the whole block stack,
+            one tensor of the hidden stream's size per branch. ``"modules"``: the outputs of every block's attention
+            and feed-forward modules (diffusers' TaylorSeer units, :mod:`tcpade_fx.passes.units`); norms, adaLN,
+            gates and residual adds still run on predicted steps. It keeps 2–3 tensors of the stream's size per
+            block in the history (L blocks: 2–3·L times the stack's memory), captures static-shape graphs (one
+            set per input shape) and cannot be exported. Measured (bench/GRANULARITY_STUDY.md): with
+            ``method="taylor"`` it helps on long schedules (28–50 steps) and loses at 20.
         modulate_denominator: after each computed step, fit μ ∈ [0, 1] in ``T + μ·(P − T)`` (``P`` the Padé,
             ``T`` its b = 0 polynomial extrapolant on the same nodes) to the residual just computed, and predict
             with it until the next computed step (only for ``method="pade"``). Measured (bench/MODULATION_STUDY.md):
@@ -89,6 +97,7 @@ class Policy:
     """
 
     method: Method = "pade"
+    granularity: Granularity = "stack"
     order: int = 1
     late_order: int = 1
     history_size: int = 3
@@ -123,6 +132,8 @@ class Policy:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} is not one of {METHODS}")
+        if self.granularity not in GRANULARITIES:
+            problems.append(f"granularity={self.granularity!r} is not one of {GRANULARITIES}")
         if self.history_dtype not in HISTORY_DTYPES:
             problems.append(f"history_dtype={self.history_dtype!r} is not one of {HISTORY_DTYPES}")
         if self.schedule not in SCHEDULES:

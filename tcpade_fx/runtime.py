@@ -493,8 +493,15 @@ class TCPadeRuntime:
     def _build(self, kwargs: dict, forward: Callable | None) -> GraphSet:
         if self.graph_source is not None:
             return self.graph_source(kwargs)
+        modules = self.policy.granularity == "modules"
         graphs = build_graphs(self.module, kwargs, forward=forward, block_prefixes=self.block_prefixes,
-                              verify=self.verify, dynamic=self.dynamic_shapes and self._parallel is None)
+                              verify=self.verify, granularity=self.policy.granularity,
+                              dynamic=self.dynamic_shapes and self._parallel is None and not modules)
+        if graphs.units is not None:
+            self._stats.notes.append(
+                f"granularity 'modules': {len(graphs.units.outputs)} module outputs forecast "
+                f"({graphs.units.width} values per sample, {graphs.units.width / graphs.units.stream_width:.1f}x "
+                "the stack residual), graphs captured with static shapes")
         self._fingerprint = model_fingerprint(self.module)
         self._stats.captures += 1
         shape_notes = graphs.shapes.notes if graphs.shapes is not None else []  # which axes are dynamic: see .shapes

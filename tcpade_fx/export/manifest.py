@@ -153,11 +153,23 @@ def read_manifest(out_dir: Path) -> dict:
     return manifest
 
 
+def require_stack_granularity(policy: Policy) -> Policy:
+    """Exported graphs forecast the block stack's residual; a policy asking for another granularity is refused
+    (the graphs would not be what it describes)."""
+    if policy.granularity != "stack":
+        raise ValueError(
+            f"policy {policy.name!r} has granularity={policy.granularity!r}; exported graphs (ONNX, TensorRT) have "
+            "symbolic shapes and forecast the block stack's residual only. Export with granularity='stack' "
+            "(policy.replace(granularity='stack')), or run granularity='modules' with tcpade_fx.compile(pipe, ...)"
+        )
+    return policy
+
+
 def resolve_load_policy(manifest: dict, policy, allow_policy_change: bool) -> Policy:
     exported = _policy_from_fields(manifest.get("policy"))
     if policy is None:
         return exported
-    wanted = resolve_policy(policy)
+    wanted = require_stack_granularity(resolve_policy(policy))
     diff = policy_difference(exported, wanted)
     if diff and not allow_policy_change:
         raise ManifestMismatchError(

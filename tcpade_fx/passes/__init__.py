@@ -1,6 +1,7 @@
 """Graph passes of tcpade_fx, one module per stage, driven by :func:`build_graphs` (:mod:`.pipeline`):
 
     capture ─▶ (dynamic) ─▶ locate ─▶ rewrite ─▶ verify        split: head/body/tail pieces, checked bit for bit
+                                   └──▶ units (granularity="modules": forecast every block's attention/FFN outputs)
 
 Each pass is a function on GraphModules (or on a call, for the captures); none holds state.
 """
@@ -12,10 +13,18 @@ from .locate import BlockStackPlan, UnsupportedModelError, locate_block_stack
 from .pipeline import Graphs, build_graphs, example_residual
 from .rewrite import RESIDUAL_INPUT, build_compute_graph, build_predict_graph
 from .split import split_head_body_tail
+from .units import (GRANULARITIES, UNITS_INPUT, UnitPlan, build_units_compute_graph, build_units_predict_graph,
+                    locate_forecast_units)
 from .verify import Verification, VerificationError, check_rewrite, verify_rewrite, verify_split
 
 __all__ = [
     "BATCH",
+    "GRANULARITIES",
+    "UNITS_INPUT",
+    "UnitPlan",
+    "build_units_compute_graph",
+    "build_units_predict_graph",
+    "locate_forecast_units",
     "BlockStackPlan",
     "CaptureError",
     "CapturedGraph",

@@ -2,6 +2,7 @@
 
     graphs = build_graphs(transformer, kwargs)                  # static shapes (the runtime)
     graphs = build_graphs(transformer, kwargs, dynamic=True)    # symbolic batch/token axes (the exporters)
+    graphs = build_graphs(transformer, kwargs, granularity="modules")  # forecast module outputs (.units)
 
 Work on real tensors: one run of the transformer's own forward (the reference) and one of the compute graph,
 whose outputs are returned in :attr:`Graphs.outputs` so that the call that was captured need not run again, plus
@@ -20,6 +21,7 @@ from .capture import TIME_ARGUMENTS, capture_graph, flatten_call, leaf_index, le
 from .dynamic import ShapePlan, capture_dynamic
 from .locate import BlockStackPlan, locate_block_stack
 from .rewrite import build_compute_graph, build_predict_graph
+from .units import GRANULARITIES, UnitPlan, build_units_compute_graph, build_units_predict_graph, locate_forecast_units
 from .verify import VerificationError, check_rewrite, eager_outputs
 
 
@@ -29,7 +31,8 @@ class Graphs:
 
     ``compute(*leaves) -> (*outputs, residual)`` and ``predict(*leaves, residual) -> outputs`` take the flattened
     call leaves (:func:`~tcpade_fx.passes.capture.flatten_call` with ``in_spec``); ``outputs`` unflatten with
-    ``out_spec``.
+    ``out_spec``. With ``granularity="modules"`` the residual is the forecast module outputs (``units``,
+    :mod:`tcpade_fx.passes.units`) rather than the block stack's.
     """
 
     plan: BlockStackPlan
@@ -45,6 +48,7 @@ class Graphs:
     capture_route: str = "torch.export"  # or "real-tensor trace" when torch.export refused the forward
     notes: list[str] = field(default_factory=list)  # the capture's and the verification's, for the stats
     verification: dict = field(default_factory=dict)
+    units: UnitPlan | None = None  # granularity="modules": what the residual holds
 
     @property
     def leaf_names(self) -> list[str]:
@@ -79,12 +83,17 @@ def build_graphs(
     dynamic_tokens: bool = True,
     block_prefixes: tuple[str, ...] | None = None,
     verify: bool = True,
+    granularity: str = "stack",
 ) -> Graphs:
     """Capture ``module(**kwargs)`` (through ``forward``, default the class's own), locate its block stack,
     build the compute and predict graphs and, with ``verify``, check them against one run of ``forward``.
 
     With ``dynamic`` the batch and token axes the model leaves free stay symbolic
     (:mod:`tcpade_fx.passes.dynamic`; ``dynamic_batch``/``dynamic_tokens`` select which).
+
+    ``granularity``: ``"stack"`` (the residual is the block stack's) or ``"modules"`` (the outputs of every
+    block's attention and feed-forward modules, :mod:`tcpade_fx.passes.units`; static shapes only, so
+    ``dynamic`` must be False).
 
     Raises:
         TypeError: the call has no tensor ``timestep`` (steps are identified by the model time).
@@ -98,6 +107,11 @@ def build_graphs(
             f"{' or '.join(TIME_ARGUMENTS)}; got {given or 'neither'}); tcpade_fx identifies steps by the model "
             "time, so pass it as a tensor (e.g. timestep=torch.tensor([t]))"
         )
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
+    if granularity == "modules" and dynamic:
+        raise ValueError("granularity='modules' needs static shapes (dynamic=False): the forecast module outputs "
+                         "are laid out with constant sizes; use granularity='stack' for dynamic-shape graphs")
     kwargs = _distinct_tensors(kwargs)
     shapes = None
     if dynamic:
@@ -108,12 +122,16 @@ def build_graphs(
         captured = capture_graph(module, (), kwargs, forward=forward)
         plan = locate_block_stack(captured.graph_module, block_prefixes)
     gm, leaves = captured.graph_module, captured.example_leaves
-    compute, predict = build_compute_graph(gm, plan), build_predict_graph(gm, plan)
+    units = locate_forecast_units(gm, plan) if granularity == "modules" else None
+    if units is None:
+        compute, predict = build_compute_graph(gm, plan), build_predict_graph(gm, plan)
+    else:
+        compute, predict = build_units_compute_graph(gm, units), build_units_predict_graph(gm, units)
     graphs = Graphs(
         plan=plan, compute=compute, predict=predict, in_spec=captured.in_spec, out_spec=captured.out_spec,
         leaves=list(leaves), timestep_position=leaf_index(kwargs, time_name, captured.in_spec),
         outputs=None, residual=None, shapes=shapes, capture_route=captured.route,
-        notes=[*captured.notes, *(shapes.notes if shapes else [])],
+        notes=[*captured.notes, *(shapes.notes if shapes else [])], units=units,
     )
     if verify:
         _, call_kwargs = pytree.tree_unflatten(list(leaves), captured.in_spec)
@@ -138,4 +156,4 @@ def example_residual(graphs: Graphs) -> torch.Tensor:
     return graphs.residual
 
 
-__all__ = ["Graphs", "VerificationError", "build_graphs", "example_residual", "flatten_call"]
+__all__ = ["GRANULARITIES", "Graphs", "VerificationError", "build_graphs", "example_residual", "flatten_call"]
