@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tcpade_fx  # noqa: E402
 from benchmark import SAMPLES, ImageSamples  # noqa: E402
+from granularity_check import variants  # noqa: E402
 from tcpade_fx import metrics, models, runtime  # noqa: E402
 
 now = time.thread_time  # CPU time of this (single) thread: robust to sharing the cores; --clock wall for wall time
@@ -103,12 +104,13 @@ def instrument_calls(pipe) -> None:
     transformer.forward = forward
 
 
-def measure(model: str, preset: str, steps: int, repeats: int) -> dict:
+def measure(model: str, preset: str, steps: int, repeats: int, variant: str = "shipped") -> dict:
     seeds = list(range(16))
     kind_of = SAMPLES.get(model, ImageSamples)()  # mnist-wan: clip latents, guidance 5 as two calls per step
     labels, latents = [s % 10 for s in seeds], metrics.seeded_latents(seeds, kind_of.latent_shape)
     branches = kind_of.calls_per_step
-    pipes = {"full": models.load(model), "tc": tcpade_fx.compile(models.load(model), policy=preset)}
+    policy = dict(variants(preset))[variant]
+    pipes = {"full": models.load(model), "tc": tcpade_fx.compile(models.load(model), policy=policy)}
     for pipe in pipes.values():
         instrument_calls(pipe)
     samples: dict[str, list[float]] = {}
@@ -150,7 +152,7 @@ def measure(model: str, preset: str, steps: int, repeats: int) -> dict:
         "predicted calls": (n - c) * med["predicted call"],
         "pipeline per step": med["tc outside calls"] - med["full outside calls"] * c / n,
     }
-    return {"model": model, "preset": preset, "steps": steps, "computed": c / branches, "full": full, "tc": tc,
+    return {"model": model, "preset": preset if variant == "shipped" else f"{preset}, {variant}", "steps": steps, "computed": c / branches, "full": full, "tc": tc,
             "measured": full / tc, "ideal": n / c, "gap": gap, "parts": parts, "med": med}
 
 
@@ -188,6 +190,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    ap.add_argument("--variant", choices=[v for v, _ in variants("balanced")], default="shipped",
+                    help="the preset as shipped, or forecasting every block's attention/FFN outputs "
+                         "(granularity='modules') with Taylor-1 or with the preset's TC-Padé numerics")
     args = ap.parse_args()
     global now
     now = time.thread_time if args.clock == "cpu" else time.perf_counter
@@ -196,7 +201,7 @@ def main() -> None:
     rows = []
     for model in args.models:
         for preset in args.presets:
-            rows.append(measure(model, preset, args.steps, args.repeats))
+            rows.append(measure(model, preset, args.steps, args.repeats, args.variant))
             print(f"{model} {preset}: measured {rows[-1]['measured']:.2f}x, ideal {rows[-1]['ideal']:.2f}x",
                   file=sys.stderr, flush=True)
     print(table(rows))
