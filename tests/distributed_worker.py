@@ -40,7 +40,7 @@ def error_controlled():
 SCENARIOS = {
     "flux_ulysses_error": ("flux", "ulysses", True, ("error",), None),
     "flux_ring_presets": ("flux", "ring", False, ("balanced", "quality"), None),
-    "wan_ulysses_fast": ("wan", "ulysses", True, ("fast",), None),
+    "wan_ulysses_fast": ("wan", "ulysses", True, ("fast", "modules"), None),
     "flux_ulysses_per_process": ("flux", "ulysses", True, ("error",), "per_process"),
 }
 
@@ -51,8 +51,16 @@ def pipeline(name: str):
     return tiny_flux_pipeline(seed=0) if name == "flux" else tiny_wan_pipeline(seed=0)
 
 
+def forecast_modules():
+    """"fast" forecasting every block's attention/FFN outputs (the attention's all-to-alls leave the predict graph
+    on every process alike)."""
+    import tcpade_fx
+
+    return tcpade_fx.Policy.preset("fast").replace(granularity="modules", method="taylor", modulate_denominator=False)
+
+
 def policy_of(name: str):
-    return error_controlled() if name == "error" else name
+    return {"error": error_controlled, "modules": forecast_modules}.get(name, lambda: name)()
 
 
 def run_pipeline(pipe, kwargs, policy_name: str | None):
