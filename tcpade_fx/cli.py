@@ -215,23 +215,6 @@ def conditioning(pipe, prompts: list[str]) -> tuple[str, list]:
                      "cannot condition it")
 
 
-def as_images(output) -> torch.Tensor:
-    """A pipeline output (``output_type="np"``: images (B, H, W, C) or video frames (B, F, H, W, C) in [0, 1]) as
-    (N, C, H, W) in [-1, 1]; video frames become images."""
-    import numpy as np
-
-    array = getattr(output, "images", None)
-    if array is None:
-        array = getattr(output, "frames", None)
-    if array is None:
-        raise ValueError(f"the pipeline's output {type(output).__name__} has neither .images nor .frames")
-    if isinstance(array, list):
-        array = np.stack([np.asarray(a) for a in array])
-    x = torch.as_tensor(np.asarray(array, dtype=np.float32))
-    x = x.reshape(-1, *x.shape[-3:])  # frames -> images
-    return x.permute(0, 3, 1, 2) * 2 - 1
-
-
 class _Timer:
     """Wall time of a block: CUDA events on a CUDA device (what the GPU spent, after synchronising), the host
     clock otherwise."""
@@ -317,7 +300,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 
     import tcpade_fx
     from tcpade_fx import metrics
-    from tcpade_fx.integration import install_runtimes
+    from tcpade_fx.integration import as_images, install_runtimes
 
     console = Console()
     if args.threads:

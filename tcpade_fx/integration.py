@@ -363,3 +363,20 @@ def remove_runtime(target: T) -> T:
         if base is not None:
             target.__class__ = base
     return target
+
+
+def as_images(output) -> torch.Tensor:
+    """A pipeline output (``output_type="np"``: images (B, H, W, C) or video frames (B, F, H, W, C) in [0, 1]) as
+    (N, C, H, W) in [-1, 1]; video frames become images."""
+    import numpy as np
+
+    array = getattr(output, "images", None)
+    if array is None:
+        array = getattr(output, "frames", None)
+    if array is None:
+        raise ValueError(f"the pipeline's output {type(output).__name__} has neither .images nor .frames")
+    if isinstance(array, list):
+        array = np.stack([np.asarray(a) for a in array])
+    x = torch.as_tensor(np.asarray(array, dtype=np.float32))
+    x = x.reshape(-1, *x.shape[-3:])  # frames -> images
+    return x.permute(0, 3, 1, 2) * 2 - 1

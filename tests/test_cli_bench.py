@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tcpade_fx import cli
+from tcpade_fx.integration import as_images
 from tcpade_fx.testing_pipelines import tiny_dit_pipeline, tiny_flux_pipeline
 
 
@@ -66,7 +67,7 @@ def test_video_frames_become_images():
     class Out:
         frames = torch.rand(2, 5, 8, 8, 3).numpy()
 
-    images = cli.as_images(Out())
+    images = as_images(Out())
     assert images.shape == (10, 3, 8, 8) and images.min() >= -1 and images.max() <= 1
 
 

@@ -1,0 +1,150 @@
+"""Choose, on the user's own pipeline, what a preset forecasts: measured against the full run, not guessed.
+
+    choice = tcpade_fx.calibrate(pipe, {"prompt": prompts, "num_inference_steps": 28}, policy="balanced")
+    print(choice)                                   # every candidate's PSNR vs the full run, and the pick
+    tcpade_fx.compile(pipe, policy=choice.policy)
+
+Which forecast is closest to the full run depends on the model: on the bundled mnist-wan at 28 steps the outputs
+of every block's attention and feed-forward modules forecast with Taylor-1 beat the shipped whole-stack TC-Padé on
+84 % of 100 clips (+1.0 dB), on the bundled image models they lose in most cells (bench/GRANULARITY_STUDY.md). A
+step-local error cannot tell them apart (bench/ADAPTIVE_STUDY.md section 7), the final sample can: calibration
+runs the call once in full and once per candidate (each on the preset's plan, so at its compute), and keeps the
+preset unless a candidate is closer to the full run by ``margin`` dB at no more compute.
+
+Cost: one full run plus one run per candidate (at the preset's compute) of the calibration call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import metrics
+from .api import compile, disable
+from .integration import as_images, installed_runtime
+from .policy import Policy, resolve_policy
+
+#: Extra compute (fraction of calls) a candidate may take over the preset and still be compared with it.
+COMPUTE_SLACK = 0.02
+
+
+def calibration_candidates(policy: Policy) -> list[tuple[str, Policy]]:
+    """The forecasts :func:`calibrate` compares, each on ``policy``'s schedule settings: the policy itself, Taylor-1
+    of the stack residual, and the attention/feed-forward outputs of every block (``granularity="modules"``) with
+    Taylor-1 and with the policy's own numerics."""
+    taylor = dict(method="taylor", modulate_denominator=False)
+    return [
+        ("as given", policy),
+        ("stack Taylor-1", policy.replace(**taylor)),
+        ("modules Taylor-1", policy.replace(granularity="modules", **taylor)),
+        ("modules, its numerics", policy.replace(granularity="modules")),
+    ]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One measured forecast: PSNR of its outputs vs the full run's (dB), its computed fraction of transformer
+    calls, and the schedule of its first branch."""
+
+    name: str
+    policy: Policy
+    psnr: float
+    compute: float
+    schedule: str
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What :func:`calibrate` measured and chose; ``policy`` is the one to compile with."""
+
+    policy: Policy
+    chosen: str
+    candidates: tuple[Candidate, ...]
+    margin: float
+
+    def __str__(self) -> str:
+        width = max(len(c.name) for c in self.candidates)
+        lines = [f"TC-Padé calibration (keeps {self.candidates[0].name!r} unless another is {self.margin:g} dB closer "
+                 "to the full run at no more compute):"]
+        for c in self.candidates:
+            mark = "->" if c.name == self.chosen else "  "
+            lines.append(f" {mark} {c.name:<{width}}  {c.psnr:6.2f} dB  compute {c.compute:.2f}  {c.schedule}")
+        return "\n".join(lines)
+
+
+def choose(candidates: Sequence[Candidate], margin: float = 0.25) -> Candidate:
+    """The first candidate (the policy as given), unless another one with at most :data:`COMPUTE_SLACK` more
+    compute has a PSNR higher by more than ``margin``: then the highest such one (the earliest on a tie)."""
+    base = candidates[0]
+    eligible = [c for c in candidates[1:] if c.compute <= base.compute + COMPUTE_SLACK and c.psnr > base.psnr + margin]
+    if not eligible:
+        return base
+    return max(eligible, key=lambda c: c.psnr)  # max keeps the first of equal values
+
+
+def _run(pipe, call: dict, seed: int) -> torch.Tensor:
+    generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    with torch.inference_mode():
+        return as_images(pipe(**call, generator=generator, output_type="np"))
+
+
+def calibrate(
+    pipe,
+    call: dict,
+    *,
+    policy: Policy | str = "balanced",
+    seed: int = 0,
+    candidates: Sequence[tuple[str, Policy]] | None = None,
+    margin: float = 0.25,
+    backend: str = "eager",
+) -> Calibration:
+    """Run ``pipe(**call)`` in full and with each candidate forecast (:func:`calibration_candidates` of
+    ``policy`` by default), and choose the one closest to the full run (:func:`choose`).
+
+    Args:
+        pipe: a diffusers pipeline, not compiled with tcpade_fx (it is left as it was found).
+        call: the pipeline call to calibrate on (conditioning, ``num_inference_steps``, guidance, ...): use the
+            step count and guidance you will serve with, and a few typical prompts. Every run gets a fresh
+            generator seeded with ``seed`` and ``output_type="np"``.
+        policy: the preset or Policy whose schedule the candidates share.
+        candidates: ``(name, policy)`` pairs to compare instead; the first is the one kept without a clear win.
+        margin: dB a candidate must gain over the first to be chosen (calibration prompts are few: a small
+            lead is noise).
+        backend: the backend to calibrate with (the choice does not depend on it).
+
+    Raises:
+        ValueError: ``call`` holds ``generator`` or ``output_type`` (calibration sets both), or no candidates.
+        RuntimeError: the pipeline is already compiled with tcpade_fx (``tcpade_fx.disable(pipe)`` first).
+    """
+    given = [k for k in ("generator", "output_type") if k in call]
+    if given:
+        raise ValueError(f"calibrate sets {given} itself (every run starts from the same seed); remove them from "
+                         "the call and pass seed= instead")
+    if installed_runtime(pipe) is not None:
+        raise RuntimeError("the pipeline is already compiled with tcpade_fx: tcpade_fx.disable(pipe) first, then "
+                           "calibrate, then tcpade_fx.compile(pipe, policy=choice.policy)")
+    base = resolve_policy(policy)
+    pairs = list(candidates) if candidates is not None else calibration_candidates(base)
+    if not pairs:
+        raise ValueError("calibrate needs at least one candidate")
+    full = _run(pipe, call, seed)
+    measured = []
+    for name, candidate in pairs:
+        compile(pipe, policy=candidate, backend=backend)
+        try:
+            out = _run(pipe, call, seed)
+            stats = pipe.tcpade.stats
+            fraction = stats.computed / max(1, len(stats.records))
+            schedule = stats.decisions(0)
+        finally:
+            disable(pipe)
+        measured.append(Candidate(name, candidate, metrics.psnr(full, out), fraction, schedule))
+    pick = choose(measured, margin)
+    named = pick.policy if pick is measured[0] else dataclasses.replace(pick.policy, name=f"{base.name}, {pick.name}")
+    return Calibration(policy=named, chosen=pick.name, candidates=tuple(measured), margin=margin)
+
+
+__all__ = ["COMPUTE_SLACK", "Calibration", "Candidate", "calibrate", "calibration_candidates", "choose"]

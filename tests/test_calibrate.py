@@ -1,0 +1,86 @@
+"""``tcpade_fx.calibrate``: the choice rule (hypothesis), the refusals, and a calibration on the trained mnist-wan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tcpade_fx
+import tcpade_fx.models
+from tcpade_fx import Policy
+from tcpade_fx.calibrate import COMPUTE_SLACK, Candidate, calibration_candidates, choose
+from tcpade_fx.integration import as_images, installed_runtime
+from tcpade_fx.metrics import psnr
+
+_measure = st.tuples(st.floats(10, 60, allow_nan=False), st.sampled_from([0.28, 0.29, 0.30, 0.31, 0.32, 0.35, 0.40]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_measure, min_size=1, max_size=6), st.sampled_from([0.0, 0.25, 1.0]))
+def test_the_choice_keeps_the_first_unless_another_wins_clearly_at_no_more_compute(measures, margin):
+    base = Policy.preset("balanced")
+    candidates = [Candidate(f"c{i}", base, p, c, "") for i, (p, c) in enumerate(measures)]
+    pick = choose(candidates, margin)
+    first = candidates[0]
+    eligible = [c for c in candidates[1:] if c.compute <= first.compute + COMPUTE_SLACK and c.psnr > first.psnr + margin]
+    if pick is first:
+        assert not eligible
+    else:
+        assert pick in eligible
+        assert all(c.psnr <= pick.psnr for c in eligible)
+        assert candidates.index(pick) == min(candidates.index(c) for c in eligible if c.psnr == pick.psnr)
+
+
+def test_the_candidates_share_the_policy_schedule_settings():
+    base = Policy.preset("fast")
+    pairs = calibration_candidates(base)
+    assert pairs[0] == ("as given", base)
+    for _, policy in pairs:
+        assert (policy.compute_budget, policy.mid_max_skip, policy.early_end) == (0.28, 5, 0.1)
+    assert {(p.granularity, p.method) for _, p in pairs} == {("stack", "pade"), ("stack", "taylor"),
+                                                              ("modules", "taylor"), ("modules", "pade")}
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return tcpade_fx.models.load("mnist-wan")
+
+
+def test_calibrate_refuses_what_it_sets_and_a_compiled_pipeline(wan):
+    call = {"class_labels": [1], "num_inference_steps": 10}
+    with pytest.raises(ValueError, match=r"\['generator'\].*seed="):
+        tcpade_fx.calibrate(wan, {**call, "generator": torch.Generator()})
+    tcpade_fx.compile(wan, policy="balanced")
+    try:
+        with pytest.raises(RuntimeError, match="disable"):
+            tcpade_fx.calibrate(wan, call)
+    finally:
+        tcpade_fx.disable(wan)
+
+
+def test_calibration_on_the_trained_wan_picks_the_module_forecast_and_compiles_to_what_it_measured(wan):
+    """28 steps, 4 clips: per-module Taylor-1 is the closest to the full run here (it leads the shipped stack on
+    84 % of the benchmark's 100 clips, bench/results/granularity-check.jsonl); the chosen policy, compiled, gives
+    the output calibration measured, and calibration leaves the pipeline as it found it."""
+    cls = type(wan)
+    call = {"class_labels": [0, 3, 5, 8], "num_inference_steps": 28, "guidance_scale": 5.0}
+    choice = tcpade_fx.calibrate(wan, call, policy="balanced", seed=100)
+    assert type(wan) is cls and installed_runtime(wan) is None
+    assert choice.policy.granularity == "modules" and choice.chosen.startswith("modules")
+    scores = {c.name: c.psnr for c in choice.candidates}
+    assert scores[choice.chosen] == max(scores.values()) > scores["as given"] + choice.margin
+    assert choice.chosen in str(choice) and "as given" in str(choice)
+
+    def run():
+        with torch.inference_mode():
+            return as_images(wan(**call, generator=torch.Generator().manual_seed(100), output_type="np"))
+
+    full = run()
+    tcpade_fx.compile(wan, policy=choice.policy)
+    try:
+        got = psnr(full, run())
+    finally:
+        tcpade_fx.disable(wan)
+    assert got == pytest.approx(scores[choice.chosen], abs=1e-6)
