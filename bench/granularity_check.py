@@ -11,6 +11,8 @@ median gain over the shipped preset and the share of samples it improves.
                                       [--presets balanced fast] [--samples 100] [--seed0 0] [--out FILE]
 
 Results are appended to ``--out`` (default bench/results/granularity-check.jsonl); a cell already there is skipped.
+``--table`` prints the Markdown table of what ``--out`` holds (PSNR; median per-sample gain over the shipped preset
+and the share of samples improved, in brackets).
 """
 
 from __future__ import annotations
@@ -46,6 +48,28 @@ def row_label(preset: str, variant: str) -> str:
     return f"TC-Padé {preset}" if variant == "shipped" else f"TC-Padé {preset}, {variant}"
 
 
+def table(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    by = {(r["model"], r["steps"], r["row"], r["samples"], r["seed0"]): r for r in rows}
+    cells = sorted({(r["model"], r["steps"], r["preset"], r["samples"], r["seed0"]) for r in rows},
+                   key=lambda c: (c[0], c[2] != "balanced", c[1], c[3], c[4]))
+    names = [v for v, _ in variants("balanced")]
+    lines = ["| model | N | preset | samples | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
+    for model, n, preset, samples, seed0 in cells:
+        out = []
+        for v in names:
+            r = by.get((model, n, row_label(preset, v), samples, seed0))
+            if r is None:
+                out.append("")
+            elif v == "shipped":
+                out.append(f"{r['psnr']:.2f}")
+            else:
+                out.append(f"{r['psnr']:.2f} ({r['median_gain_over_preset_db']:+.2f}, "
+                           f"{100 * r['share_better_than_preset']:.0f} %)")
+        lines.append(f"| {model} | {n} | {preset} | {samples} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mnist-dit", "mnist-flux", "mnist-wan"])
@@ -54,7 +78,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--seed0", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "granularity-check.jsonl")
+    ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
     torch.set_num_threads(1)
     done = set()
     if args.out.exists():

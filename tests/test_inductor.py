@@ -126,3 +126,25 @@ def test_split_regions_shares_the_weights_and_groups_identical_blocks():
     assert {id(p) for p in top.parameters()} <= ours
     regions = [m for name, m in top.named_children() if name.startswith("region_")]
     assert len(regions) == 6 and not any(True for region in regions for _ in region.parameters())  # lifted
+
+
+@pytest.mark.slow
+def test_inductor_runs_module_granularity_as_eager_does():
+    """granularity="modules": the units compute/predict graphs compile once each and give the eager outputs."""
+    from tcpade_fx.testing_pipelines import output_of, tiny_pixart_pipeline
+
+    pipe, kwargs = tiny_pixart_pipeline()
+    policy = Policy.preset("balanced").replace(granularity="modules", method="taylor", modulate_denominator=False)
+
+    def run(backend):
+        tcpade_fx.compile(pipe, policy=policy, backend=backend)
+        out = output_of(pipe(**kwargs, num_inference_steps=20, generator=torch.Generator().manual_seed(0)))
+        stats = pipe.tcpade.stats
+        tcpade_fx.disable(pipe)
+        return out, stats
+
+    eager, eager_stats = run("eager")
+    compiled, stats = run("inductor")
+    assert stats.decisions() == eager_stats.decisions() and stats.predicted > 0
+    assert stats.compiles == {"compute": 1, "predict": 1}, stats.summary()
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-3
