@@ -34,8 +34,8 @@ from tcpade_fx import models  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 #: calibrate's candidate names -> granularity_check's variant names
-VARIANT = {"as given": "shipped", "stack Taylor-1": "stack Taylor-1", "modules Taylor-1": "modules Taylor-1",
-           "modules, its numerics": "modules TC-Padé"}
+VARIANT = {"as given": "shipped", "stack Taylor-1": "stack Taylor-1", "stack Taylor-2": "stack Taylor-2",
+           "modules Taylor-1": "modules Taylor-1", "modules, its numerics": "modules TC-Padé"}
 
 
 def calibrations(args) -> list[dict]:

@@ -41,6 +41,8 @@ def variants(preset: str) -> list[tuple[str, Policy]]:
         ("modules Taylor-1", shipped.replace(granularity="modules", method="taylor", modulate_denominator=False)),
         ("modules TC-Padé", shipped.replace(granularity="modules")),
         ("stack Taylor-1", shipped.replace(method="taylor", modulate_denominator=False)),
+        ("stack Taylor-2", shipped.replace(method="taylor", modulate_denominator=False, order=2, late_order=2,
+                                           history_size=max(3, shipped.history_size))),
     ]
 
 

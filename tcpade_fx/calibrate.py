@@ -33,12 +33,13 @@ COMPUTE_SLACK = 0.02
 
 def calibration_candidates(policy: Policy) -> list[tuple[str, Policy]]:
     """The forecasts :func:`calibrate` compares, each on ``policy``'s schedule settings: the policy itself, Taylor-1
-    of the stack residual, and the attention/feed-forward outputs of every block (``granularity="modules"``) with
-    Taylor-1 and with the policy's own numerics."""
+    and Taylor-2 of the stack residual, and the attention/feed-forward outputs of every block
+    (``granularity="modules"``) with Taylor-1 and with the policy's own numerics."""
     taylor = dict(method="taylor", modulate_denominator=False)
     return [
         ("as given", policy),
         ("stack Taylor-1", policy.replace(**taylor)),
+        ("stack Taylor-2", policy.replace(order=2, late_order=2, history_size=max(3, policy.history_size), **taylor)),
         ("modules Taylor-1", policy.replace(granularity="modules", **taylor)),
         ("modules, its numerics", policy.replace(granularity="modules")),
     ]

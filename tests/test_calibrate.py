@@ -39,8 +39,9 @@ def test_the_candidates_share_the_policy_schedule_settings():
     assert pairs[0] == ("as given", base)
     for _, policy in pairs:
         assert (policy.compute_budget, policy.mid_max_skip, policy.early_end) == (0.28, 5, 0.1)
-    assert {(p.granularity, p.method) for _, p in pairs} == {("stack", "pade"), ("stack", "taylor"),
-                                                              ("modules", "taylor"), ("modules", "pade")}
+    assert {(p.granularity, p.method, p.order) for _, p in pairs} == {
+        ("stack", "pade", 1), ("stack", "taylor", 1), ("stack", "taylor", 2), ("modules", "taylor", 1),
+        ("modules", "pade", 1)}
 
 
 @pytest.fixture(scope="module")
