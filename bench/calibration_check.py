@@ -1,7 +1,9 @@
 """Does ``tcpade_fx.calibrate`` choose well? Calibrate on a few samples, read the choice on the benchmark's 100.
 
 For each model, step count and preset, ``--draws`` calibrations are run, each on ``--calibration-samples`` classes
-(0, 1, ...) from one generator seeded 500, 501, ... (no benchmark seed). Each choice is then read on the benchmark's
+(0, 1, ...) from one generator seeded 500, 501, ... (no benchmark seed), choosing by PSNR and compute alone
+(``time_slack=None``); each line also records the run times and what the default 10 % time slack would have chosen
+on this machine. Each choice is then read on the benchmark's
 100 samples from ``bench/results/granularity-check.jsonl`` (``python bench/granularity_check.py``, the same four
 candidates through ``tcpade_fx.compile``): the calibrated PSNR vs the shipped preset's, and vs the best candidate
 in hindsight.
@@ -31,6 +33,7 @@ import tcpade_fx  # noqa: E402
 from benchmark import SAMPLES, ImageSamples, euler, scheduler_shift  # noqa: E402
 from granularity_check import row_label  # noqa: E402
 from tcpade_fx import models  # noqa: E402
+from tcpade_fx.calibrate import choose  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 #: calibrate's candidate names -> granularity_check's variant names
@@ -56,11 +59,13 @@ def calibrations(args) -> list[dict]:
                         continue
                     call = {"class_labels": [i % 10 for i in range(args.calibration_samples)],
                             "num_inference_steps": n, "guidance_scale": kind.guidance}
-                    choice = tcpade_fx.calibrate(pipe, call, policy=preset, seed=500 + d)
+                    choice = tcpade_fx.calibrate(pipe, call, policy=preset, seed=500 + d, time_slack=None)
                     row = {"model": model, "steps": n, "preset": preset, "seed": 500 + d,
                            "calibration_samples": args.calibration_samples, "chosen": choice.chosen,
+                           "chosen_within_10_percent_time": choose(choice.candidates, choice.margin, 0.1).name,
                            "scores": {c.name: round(c.psnr, 2) for c in choice.candidates},
-                           "compute": {c.name: round(c.compute, 3) for c in choice.candidates}}
+                           "compute": {c.name: round(c.compute, 3) for c in choice.candidates},
+                           "time_ratio": {c.name: round(c.time_ratio, 3) for c in choice.candidates}}
                     with args.out.open("a") as f:
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     print(json.dumps(row, ensure_ascii=False), flush=True)

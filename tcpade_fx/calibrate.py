@@ -9,14 +9,18 @@ of every block's attention and feed-forward modules forecast with Taylor-1 beat 
 84 % of 100 clips (+1.0 dB), on the bundled image models they lose in most cells (bench/GRANULARITY_STUDY.md). A
 step-local error cannot tell them apart (bench/ADAPTIVE_STUDY.md section 7), the final sample can: calibration
 runs the call once in full and once per candidate (each on the preset's plan, so at its compute), and keeps the
-preset unless a candidate is closer to the full run by ``margin`` dB at no more compute.
+preset unless a candidate is closer to the full run by ``margin`` dB at no more compute and no more than
+``time_slack`` more time: a forecast of every module moves 2–3·L times the stack residual's data through the history
+at every step, which on a small model or a CPU costs more than it saves (mnist-wan, 28 steps, CPU: 1.05x where the
+stack forecast runs 2.18x, bench/STEP_COST.md).
 
-Cost: one full run plus one run per candidate (at the preset's compute) of the calibration call.
+Cost: the call twice in full and twice per candidate (an untimed warm-up that captures, then the measured run).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,13 +52,14 @@ def calibration_candidates(policy: Policy) -> list[tuple[str, Policy]]:
 @dataclass(frozen=True)
 class Candidate:
     """One measured forecast: PSNR of its outputs vs the full run's (dB), its computed fraction of transformer
-    calls, and the schedule of its first branch."""
+    calls, the schedule of its first branch, and its run's wall time over the full run's."""
 
     name: str
     policy: Policy
     psnr: float
     compute: float
     schedule: str
+    time_ratio: float = float("nan")  # seconds / the full run's seconds (after a warm-up each)
 
 
 @dataclass(frozen=True)
@@ -65,31 +70,46 @@ class Calibration:
     chosen: str
     candidates: tuple[Candidate, ...]
     margin: float
+    time_slack: float | None = None
 
     def __str__(self) -> str:
         width = max(len(c.name) for c in self.candidates)
+        slack = "" if self.time_slack is None else f" and at most {100 * self.time_slack:g} % more time"
         lines = [f"TC-Padé calibration (keeps {self.candidates[0].name!r} unless another is {self.margin:g} dB closer "
-                 "to the full run at no more compute):"]
+                 f"to the full run at no more compute{slack}):"]
         for c in self.candidates:
             mark = "->" if c.name == self.chosen else "  "
-            lines.append(f" {mark} {c.name:<{width}}  {c.psnr:6.2f} dB  compute {c.compute:.2f}  {c.schedule}")
+            lines.append(f" {mark} {c.name:<{width}}  {c.psnr:6.2f} dB  compute {c.compute:.2f}  "
+                         f"time {c.time_ratio:.2f} of full  {c.schedule}")
         return "\n".join(lines)
 
 
-def choose(candidates: Sequence[Candidate], margin: float = 0.25) -> Candidate:
+def choose(candidates: Sequence[Candidate], margin: float = 0.25, time_slack: float | None = 0.1) -> Candidate:
     """The first candidate (the policy as given), unless another one with at most :data:`COMPUTE_SLACK` more
-    compute has a PSNR higher by more than ``margin``: then the highest such one (the earliest on a tie)."""
+    compute and (``time_slack`` not None) a time ratio at most ``1 + time_slack`` times the first's has a PSNR
+    higher by more than ``margin``: then the highest such one (the earliest on a tie)."""
     base = candidates[0]
-    eligible = [c for c in candidates[1:] if c.compute <= base.compute + COMPUTE_SLACK and c.psnr > base.psnr + margin]
+    eligible = [c for c in candidates[1:] if c.compute <= base.compute + COMPUTE_SLACK and c.psnr > base.psnr + margin
+                and (time_slack is None or c.time_ratio <= base.time_ratio * (1 + time_slack))]
     if not eligible:
         return base
     return max(eligible, key=lambda c: c.psnr)  # max keeps the first of equal values
 
 
-def _run(pipe, call: dict, seed: int) -> torch.Tensor:
-    generator = torch.Generator(device=pipe.device).manual_seed(seed)
-    with torch.inference_mode():
-        return as_images(pipe(**call, generator=generator, output_type="np"))
+def _run(pipe, call: dict, seed: int) -> tuple[torch.Tensor, float]:
+    """The call's outputs and the seconds of its second run (the first captures, verifies and compiles)."""
+    seconds = 0.0
+    for _ in range(2):
+        generator = torch.Generator(device=pipe.device).manual_seed(seed)
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize(pipe.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = pipe(**call, generator=generator, output_type="np")
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize(pipe.device)
+        seconds = time.perf_counter() - start
+    return as_images(output), seconds
 
 
 def calibrate(
@@ -100,6 +120,7 @@ def calibrate(
     seed: int = 0,
     candidates: Sequence[tuple[str, Policy]] | None = None,
     margin: float = 0.25,
+    time_slack: float | None = 0.1,
     backend: str = "eager",
 ) -> Calibration:
     """Run ``pipe(**call)`` in full and with each candidate forecast (:func:`calibration_candidates` of
@@ -114,7 +135,10 @@ def calibrate(
         candidates: ``(name, policy)`` pairs to compare instead; the first is the one kept without a clear win.
         margin: dB a candidate must gain over the first to be chosen (calibration prompts are few: a small
             lead is noise).
-        backend: the backend to calibrate with (the choice does not depend on it).
+        time_slack: how much longer than the first a candidate's run may take (0.1: 10 %); None chooses by
+            PSNR and compute alone. Times are one run each after a warm-up: calibrate on the device and backend
+            you serve with, on a quiet machine.
+        backend: the backend to calibrate with (times depend on it).
 
     Raises:
         ValueError: ``call`` holds ``generator`` or ``output_type`` (calibration sets both), or no candidates.
@@ -131,21 +155,23 @@ def calibrate(
     pairs = list(candidates) if candidates is not None else calibration_candidates(base)
     if not pairs:
         raise ValueError("calibrate needs at least one candidate")
-    full = _run(pipe, call, seed)
+    full, full_seconds = _run(pipe, call, seed)
     measured = []
     for name, candidate in pairs:
         compile(pipe, policy=candidate, backend=backend)
         try:
-            out = _run(pipe, call, seed)
+            out, seconds = _run(pipe, call, seed)
             stats = pipe.tcpade.stats
             fraction = stats.computed / max(1, len(stats.records))
             schedule = stats.decisions(0)
         finally:
             disable(pipe)
-        measured.append(Candidate(name, candidate, metrics.psnr(full, out), fraction, schedule))
-    pick = choose(measured, margin)
+        measured.append(Candidate(name, candidate, metrics.psnr(full, out), fraction, schedule,
+                                  seconds / full_seconds))
+    pick = choose(measured, margin, time_slack)
     named = pick.policy if pick is measured[0] else dataclasses.replace(pick.policy, name=f"{base.name}, {pick.name}")
-    return Calibration(policy=named, chosen=pick.name, candidates=tuple(measured), margin=margin)
+    return Calibration(policy=named, chosen=pick.name, candidates=tuple(measured), margin=margin,
+                       time_slack=time_slack)
 
 
 __all__ = ["COMPUTE_SLACK", "Calibration", "Candidate", "calibrate", "calibration_candidates", "choose"]
