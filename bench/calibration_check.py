@@ -46,7 +46,8 @@ def calibrations(args) -> list[dict]:
     if args.out.exists():
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
-            done[(r["model"], r["steps"], r["preset"], r["seed"], r["calibration_samples"])] = r
+            if "median_gain" in r:  # lines of the choice rule by the call's PSNR (superseded) are not this rule's
+                done[(r["model"], r["steps"], r["preset"], r["seed"], r["calibration_samples"])] = r
     for model in args.models:
         pipe = models.load(model)
         pipe.scheduler = euler(scheduler_shift(model))
@@ -62,8 +63,11 @@ def calibrations(args) -> list[dict]:
                     choice = tcpade_fx.calibrate(pipe, call, policy=preset, seed=500 + d, time_slack=None)
                     row = {"model": model, "steps": n, "preset": preset, "seed": 500 + d,
                            "calibration_samples": args.calibration_samples, "chosen": choice.chosen,
-                           "chosen_within_10_percent_time": choose(choice.candidates, choice.margin, 0.1).name,
+                           "chosen_within_10_percent_time": choose(choice.candidates, choice.margin, choice.agreement,
+                                                                   0.1).name,
                            "scores": {c.name: round(c.psnr, 2) for c in choice.candidates},
+                           "median_gain": {c.name: round(c.median_gain, 2) for c in choice.candidates},
+                           "share_better": {c.name: round(c.share_better, 2) for c in choice.candidates},
                            "compute": {c.name: round(c.compute, 3) for c in choice.candidates},
                            "time_ratio": {c.name: round(c.time_ratio, 3) for c in choice.candidates}}
                     with args.out.open("a") as f:
@@ -113,7 +117,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = [] if args.table_only else calibrations(args)
     if args.table_only:
-        rows = [json.loads(line) for line in args.out.read_text().splitlines()]
+        rows = [r for r in map(json.loads, args.out.read_text().splitlines()) if "median_gain" in r
+                and r["calibration_samples"] == args.calibration_samples]
     print(table(rows))
 
 
