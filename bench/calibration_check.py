@@ -37,8 +37,11 @@ from tcpade_fx.calibrate import choose  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 #: calibrate's candidate names -> granularity_check's variant names
-VARIANT = {"as given": "shipped", "stack Taylor-1": "stack Taylor-1", "stack Taylor-2": "stack Taylor-2",
-           "modules Taylor-1": "modules Taylor-1", "modules, its numerics": "modules TC-Padé"}
+VARIANT = {"as given": "shipped", "stack Taylor-1": "stack Taylor-1", "modules Taylor-1": "modules Taylor-1",
+           "modules, its numerics": "modules TC-Padé"}
+#: the choice rule the lines were made with (earlier lines: by the call's PSNR; then per sample with Taylor-2 among
+#: the candidates); only this rule's lines are read
+RULE = "per-sample median and share, and the call's PSNR"
 
 
 def calibrations(args) -> list[dict]:
@@ -46,7 +49,7 @@ def calibrations(args) -> list[dict]:
     if args.out.exists():
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
-            if "median_gain" in r:  # lines of the choice rule by the call's PSNR (superseded) are not this rule's
+            if r.get("rule") == RULE:
                 done[(r["model"], r["steps"], r["preset"], r["seed"], r["calibration_samples"])] = r
     for model in args.models:
         pipe = models.load(model)
@@ -61,13 +64,14 @@ def calibrations(args) -> list[dict]:
                     call = {"class_labels": [i % 10 for i in range(args.calibration_samples)],
                             "num_inference_steps": n, "guidance_scale": kind.guidance}
                     choice = tcpade_fx.calibrate(pipe, call, policy=preset, seed=500 + d, time_slack=None)
-                    row = {"model": model, "steps": n, "preset": preset, "seed": 500 + d,
+                    row = {"rule": RULE, "model": model, "steps": n, "preset": preset, "seed": 500 + d,
                            "calibration_samples": args.calibration_samples, "chosen": choice.chosen,
                            "chosen_within_10_percent_time": choose(choice.candidates, choice.margin, choice.agreement,
                                                                    0.1).name,
                            "scores": {c.name: round(c.psnr, 2) for c in choice.candidates},
                            "median_gain": {c.name: round(c.median_gain, 2) for c in choice.candidates},
                            "share_better": {c.name: round(c.share_better, 2) for c in choice.candidates},
+                           "gains": {c.name: [round(g, 3) for g in c.gains] for c in choice.candidates},
                            "compute": {c.name: round(c.compute, 3) for c in choice.candidates},
                            "time_ratio": {c.name: round(c.time_ratio, 3) for c in choice.candidates}}
                     with args.out.open("a") as f:
@@ -79,28 +83,31 @@ def calibrations(args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    bench = {}
+    bench, medians = {}, {}
     path = RESULTS / "granularity-check.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
         r = json.loads(line)
         if r["samples"] == 100 and r["seed0"] == 0:
             bench[(r["model"], r["steps"], r["row"])] = r["psnr"]
+            medians[(r["model"], r["steps"], r["row"])] = r["median_gain_over_preset_db"]
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r["model"], r["steps"], r["preset"]), []).append(r)
-    lines = ["| model | N | preset | choices (of the draws) | shipped | calibrated (mean over draws) | gain | best in "
-             "hindsight |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | N | preset | choices (of the draws) | shipped | calibrated (mean over draws) | gain | median "
+             "per-sample gain of the choices | best in hindsight |", "|---|---|---|---|---|---|---|---|---|"]
     for (model, n, preset), draws in sorted(cells.items()):
         scores = {name: bench.get((model, n, row_label(preset, variant))) for name, variant in VARIANT.items()}
         if any(v is None for v in scores.values()):
             continue
         got = [scores[d["chosen"]] for d in draws]
+        per_sample = [medians[(model, n, row_label(preset, VARIANT[d["chosen"]]))] for d in draws]
         mean = sum(got) / len(got)
         best = max(scores, key=scores.get)
         choices = ", ".join(f"{name} ×{sum(d['chosen'] == name for d in draws)}" for name in VARIANT
                             if any(d["chosen"] == name for d in draws))
         lines.append(f"| {model} | {n} | {preset} | {choices} | {scores['as given']:.2f} | {mean:.2f} | "
-                     f"{mean - scores['as given']:+.2f} | {best} {scores[best]:.2f} |")
+                     f"{mean - scores['as given']:+.2f} | {sum(per_sample) / len(per_sample):+.2f} | {best} "
+                     f"{scores[best]:.2f} |")
     return "\n".join(lines)
 
 
@@ -117,7 +124,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = [] if args.table_only else calibrations(args)
     if args.table_only:
-        rows = [r for r in map(json.loads, args.out.read_text().splitlines()) if "median_gain" in r
+        rows = [r for r in map(json.loads, args.out.read_text().splitlines()) if r.get("rule") == RULE
                 and r["calibration_samples"] == args.calibration_samples]
     print(table(rows))
 

@@ -37,13 +37,16 @@ COMPUTE_SLACK = 0.02
 
 def calibration_candidates(policy: Policy) -> list[tuple[str, Policy]]:
     """The forecasts :func:`calibrate` compares, each on ``policy``'s schedule settings: the policy itself, Taylor-1
-    and Taylor-2 of the stack residual, and the attention/feed-forward outputs of every block
-    (``granularity="modules"``) with Taylor-1 and with the policy's own numerics."""
+    of the stack residual, and the attention/feed-forward outputs of every block (``granularity="modules"``) with
+    Taylor-1 and with the policy's own numerics.
+
+    Not Taylor-2: it wins some 50-step cells but fails on a few samples in others (mnist-flux, 28 steps: median
+    per-sample gain −0.16 dB, PSNR of the 100 samples −3.4 dB), which a calibration set of 8 does not see; pass it
+    in ``candidates`` to compare it anyway."""
     taylor = dict(method="taylor", modulate_denominator=False)
     return [
         ("as given", policy),
         ("stack Taylor-1", policy.replace(**taylor)),
-        ("stack Taylor-2", policy.replace(order=2, late_order=2, history_size=max(3, policy.history_size), **taylor)),
         ("modules Taylor-1", policy.replace(granularity="modules", **taylor)),
         ("modules, its numerics", policy.replace(granularity="modules")),
     ]
@@ -89,8 +92,8 @@ class Calibration:
         width = max(len(c.name) for c in self.candidates)
         slack = "" if self.time_slack is None else f", at most {100 * self.time_slack:g} % more time"
         lines = [f"TC-Padé calibration (keeps {self.candidates[0].name!r} unless another gains a median "
-                 f"{self.margin:g} dB per sample on at least {100 * self.agreement:g} % of the samples, at no more "
-                 f"compute{slack}):"]
+                 f"{self.margin:g} dB per sample on at least {100 * self.agreement:g} % of the samples and on the "
+                 f"whole call, at no more compute{slack}):"]
         for c in self.candidates:
             mark = "->" if c.name == self.chosen else "  "
             lines.append(f" {mark} {c.name:<{width}}  {c.psnr:6.2f} dB  median gain {c.median_gain:+.2f} dB on "
@@ -103,8 +106,8 @@ def choose(candidates: Sequence[Candidate], margin: float = 0.25, agreement: flo
            time_slack: float | None = 0.1) -> Candidate:
     """The first candidate (the policy as given), unless another one, at most :data:`COMPUTE_SLACK` more compute
     and (``time_slack`` not None) a time ratio at most ``1 + time_slack`` times the first's, brings at least
-    ``agreement`` of the samples closer to the full run, by a median gain above ``margin`` dB: then the one with
-    the highest median gain (the earliest on a tie).
+    ``agreement`` of the samples closer to the full run, by a median gain above ``margin`` dB, and the whole call
+    too (a higher PSNR): then the one with the highest median gain (the earliest on a tie).
 
     Per-sample statistics, not the PSNR of the whole call: that one is the log of a mean squared error, which the
     worst one or two samples of a small calibration set decide (measured: with 8 samples and the call's PSNR the
@@ -113,7 +116,7 @@ def choose(candidates: Sequence[Candidate], margin: float = 0.25, agreement: flo
     base = candidates[0]
     eligible = [c for c in candidates[1:] if c.compute <= base.compute + COMPUTE_SLACK
                 and (time_slack is None or c.time_ratio <= base.time_ratio * (1 + time_slack))
-                and c.median_gain > margin and c.share_better >= agreement]
+                and c.median_gain > margin and c.share_better >= agreement and c.psnr > base.psnr]
     if not eligible:
         return base
     return max(eligible, key=lambda c: c.median_gain)  # max keeps the first of equal values
