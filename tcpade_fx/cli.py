@@ -339,7 +339,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                                  total=2 + 2 * args.repeats * len(chunks))
         sample(chunks[0])
         progress.advance(task)
-        tcpade_fx.compile(pipe, policy=args.policy, backend=args.backend)
+        tcpade_fx.compile(pipe, policy=tcpade_fx.Policy.preset(args.policy).replace(
+            granularity=args.granularity, name=args.policy), backend=args.backend)
         with _Timer(device) as first:
             sample(chunks[0])
         progress.advance(task)
@@ -374,6 +375,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "device": str(device),
         "dtype": dtype_name,
         "policy": args.policy,
+        "granularity": args.granularity,
         "backend": args.backend,
         "steps": args.steps,
         "images": len(conditions),
@@ -445,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                        "id per line; default classes 0..7)")
     bench.add_argument("--steps", type=int, default=28)
     bench.add_argument("--policy", default="balanced", help="quality | balanced | fast | full")
+    bench.add_argument("--granularity", default="stack", choices=["stack", "modules"],
+                       help="what a predicted step forecasts: the block stack's residual, or every block's attention "
+                            "and feed-forward outputs (Policy.granularity; more memory, see the README)")
     bench.add_argument("--backend", default="eager", choices=["eager", "inductor"])
     bench.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: cuda when available)")
     bench.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, "

@@ -323,8 +323,10 @@ def install_runtimes(target: T, runtimes: dict[str, TCPadeRuntime]) -> T:
             registry.register_hook(TCPadeHook(runtime), HOOK_NAME)
         module.tcpade = runtime
     uncached = sorted(set(denoisers) - set(runtimes))
-    for runtime in runtimes.values():
-        runtime.standing_notes = [f"{name} runs uncached (not part of this install)" for name in uncached]
+    install_note = " runs uncached (not part of this install)"
+    for runtime in runtimes.values():  # this install's notes replace an earlier install's; the runtime's own stay
+        runtime.standing_notes = [n for n in runtime.standing_notes if not n.endswith(install_note)]
+        runtime.standing_notes += [f"{name}{install_note}" for name in uncached]
     if target is not denoisers.get("transformer"):
         target.tcpade = runtimes.get("transformer") or next(iter(runtimes.values()))
         target.tcpade_denoisers = dict(runtimes)

@@ -497,11 +497,13 @@ class TCPadeRuntime:
         graphs = build_graphs(self.module, kwargs, forward=forward, block_prefixes=self.block_prefixes,
                               verify=self.verify, granularity=self.policy.granularity,
                               dynamic=self.dynamic_shapes and self._parallel is None and not modules)
-        if graphs.units is not None:
-            self._stats.notes.append(
-                f"granularity 'modules': {len(graphs.units.outputs)} module outputs forecast "
-                f"({graphs.units.width} values per sample, {graphs.units.width / graphs.units.stream_width:.1f}x "
-                "the stack residual), graphs captured with static shapes")
+        if graphs.units is not None:  # standing: every trajectory's stats say what the history holds
+            note = (f"granularity 'modules': {len(graphs.units.outputs)} module outputs forecast "
+                    f"({graphs.units.width} values per sample, {graphs.units.width / graphs.units.stream_width:.1f}x "
+                    "the stack residual), graphs captured with static shapes")
+            self.standing_notes = [n for n in self.standing_notes if not n.startswith("granularity 'modules'")]
+            self.standing_notes.append(note)
+            self._stats.notes.append(note)
         self._fingerprint = model_fingerprint(self.module)
         self._stats.captures += 1
         shape_notes = graphs.shapes.notes if graphs.shapes is not None else []  # which axes are dynamic: see .shapes

@@ -77,3 +77,14 @@ def test_a_bundled_model_folder_loads_with_its_own_class():
     pipe = cli.load_pipeline(str(models.WEIGHTS_DIR / "mnist-dit"), "cpu", torch.float32)
     assert type(pipe).__name__ == "MNISTDiTPipeline"
     assert cli.conditioning(pipe, ["4"]) == ("class_labels", [4])
+
+
+def test_bench_measures_the_module_forecast_when_asked(saved_dit, tmp_path):
+    out = tmp_path / "out"
+    argv = ["bench", str(saved_dit), "--steps", "12", "--granularity", "modules", "--limit", "2", "--device", "cpu",
+            "--dtype", "float32", "--threads", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["granularity"] == "modules" and result["policy"] == "balanced"
+    assert any("granularity 'modules'" in n for n in result["notes"]), result["notes"]
+    assert result["schedule"].count(".") > 0 and 10 < result["psnr_db"] < float("inf")
