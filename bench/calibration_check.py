@@ -97,8 +97,9 @@ def table(rows: list[dict]) -> str:
              "per-sample gain of the choices | best in hindsight |", "|---|---|---|---|---|---|---|---|---|"]
     for (model, n, preset), draws in sorted(cells.items()):
         scores = {name: bench.get((model, n, row_label(preset, variant))) for name, variant in VARIANT.items()}
-        if any(v is None for v in scores.values()):
-            continue
+        if any(scores[d["chosen"]] is None for d in draws) or scores["as given"] is None:
+            continue  # a choice with no benchmark row to read it on
+        scores = {k: v for k, v in scores.items() if v is not None}  # "best in hindsight" among the rows measured
         got = [scores[d["chosen"]] for d in draws]
         per_sample = [medians[(model, n, row_label(preset, VARIANT[d["chosen"]]))] for d in draws]
         mean = sum(got) / len(got)
