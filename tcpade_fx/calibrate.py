@@ -111,8 +111,8 @@ def choose(candidates: Sequence[Candidate], margin: float = 0.25, agreement: flo
 
     Per-sample statistics, not the PSNR of the whole call: that one is the log of a mean squared error, which the
     worst one or two samples of a small calibration set decide (measured: with 8 samples and the call's PSNR the
-    choice lost 0.1–2.3 dB to the shipped presets on the benchmark's 100 samples in 9 of 10 image-model cells,
-    bench/GRANULARITY_STUDY.md)."""
+    choice lost 0.1–2.3 dB to the shipped presets on the benchmark's 100 samples in 8 of 10 image-model cells,
+    bench/ADAPTIVE_STUDY.md section 8)."""
     base = candidates[0]
     eligible = [c for c in candidates[1:] if c.compute <= base.compute + COMPUTE_SLACK
                 and (time_slack is None or c.time_ratio <= base.time_ratio * (1 + time_slack))
