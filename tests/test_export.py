@@ -167,6 +167,12 @@ def test_refuses_a_different_requested_policy_unless_allowed(exported):
     assert load(exported, policy="balanced").policy.name == "balanced"
 
 
+def test_refuses_a_module_granularity_policy_even_when_policy_changes_are_allowed(exported):
+    modules = tcpade_fx.Policy.preset("balanced").replace(granularity="modules")
+    with pytest.raises(ValueError, match="granularity='stack'"):
+        load(exported, policy=modules, allow_policy_change=True)
+
+
 def test_refuses_changed_graph_files_and_declared_shapes(exported, tmp_path):
     folder = _copy(exported, tmp_path)
     with open(folder / "predict.onnx", "ab") as f:
