@@ -6,7 +6,8 @@
 What it measures, per geometry (each a bare transformer driven like a pipeline drives it: ``runtime.begin`` with the
 schedule, ``runtime.step_done`` after each Euler step, batch 1, one guidance branch, the same initial noise):
 
-- the full trajectory (the untouched transformer) and TC-Padé "balanced" and "fast", with the eager backend, with
+- the full trajectory (the untouched transformer) and TC-Padé "balanced" and "fast", with the eager backend (and
+  "balanced" forecasting every block's attention/FFN outputs, ``granularity="modules"``: ``--backends modules``), with
   inductor (``backend="inductor"``) and with the CUDA-graph options (``backend_options={"cuda_graphs": True}`` and
   ``{"mode": "reduce-overhead"}``; recorded as not available where ``tcpade_fx.compile`` refuses them), and with
   TensorRT where ``torch_tensorrt`` imports; diffusers' regional compile (``compile_repeated_blocks``) and
@@ -312,6 +313,27 @@ def tcpade_configs(check: Check, label: str, backend: str, options: dict | None,
     check.run(f"{label} fast", model, count_syncs=count_syncs)
 
 
+def modules_config(check: Check) -> None:
+    """"balanced" forecasting every block's attention/FFN outputs with Taylor-1 (``granularity="modules"``, eager):
+    whether the history passes over 2–3·L times the stack residual's data cost less than the skipped blocks on a
+    GPU (on the CPU with the bundled tiny mnist-wan they do not: bench/STEP_COST.md)."""
+    import tcpade_fx
+
+    policy = tcpade_fx.Policy.preset("balanced").replace(granularity="modules", method="taylor",
+                                                         modulate_denominator=False)
+    label = "tcpade eager modules balanced"
+    try:
+        tcpade_fx.compile(check.model, policy, backend="eager")
+        row = check.run(label, check.model, expect_compile=True)
+        row.extra["policy"] = "balanced, granularity='modules', Taylor-1"
+        row.extra["first_trajectory_includes"] = "capture + verification"
+    except Exception as exc:  # an out-of-memory history is a result here, not a crash of the whole check
+        row = check._row(label)
+        row.status, row.detail = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    finally:
+        tcpade_fx.disable(check.model)
+
+
 def try_option(check: Check, label: str, options: dict) -> None:
     """A backend option that may not exist yet: "not available" where compile or the first call refuses it."""
     import tcpade_fx
@@ -343,6 +365,8 @@ def eager_phase(args, check: Check) -> None:
     if "eager" in args.backends:
         check.attempt("tcpade eager", lambda: tcpade_configs(check, "tcpade eager", "eager", None, count_syncs=True),
                       NEEDS["eager"])
+    if "modules" in args.backends:
+        check.attempt("tcpade eager modules", lambda: modules_config(check), NEEDS["eager"])
 
 
 def compiled_phase(args, check: Check) -> None:
@@ -431,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the test of this script)")
     ap.add_argument("--geometries", nargs="+", default=["flux-dev", "wan2.1-1.3b"])
     ap.add_argument("--backends", nargs="+",
-                    default=["eager", "inductor", "cuda-graphs", "tensorrt", "regional", "torch.compile"],
-                    choices=["eager", "inductor", "cuda-graphs", "tensorrt", "regional", "torch.compile"])
+                    default=["eager", "modules", "inductor", "cuda-graphs", "tensorrt", "regional", "torch.compile"],
+                    choices=["eager", "modules", "inductor", "cuda-graphs", "tensorrt", "regional", "torch.compile"])
     ap.add_argument("--steps", type=int, default=None, help="default 20 (smoke: 10)")
     ap.add_argument("--repeats", type=int, default=None, help="warm trajectories timed (default 2; smoke: 1)")
     ap.add_argument("--wan-frames", type=int, default=33, help="Wan frames (81 = 32,760 tokens; 33 = 14,040)")

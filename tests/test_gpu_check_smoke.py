@@ -14,7 +14,7 @@ def test_gpu_check_smoke_runs_every_geometry_and_reports(tmp_path):
     report, rows_file = tmp_path / "GPU.md", tmp_path / "rows.jsonl"
     env_python = str(Path(sys.executable).parent)
     proc = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--smoke", "--backends", "eager", "cuda-graphs", "tensorrt",
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--smoke", "--backends", "eager", "modules", "cuda-graphs", "tensorrt",
          "--out", str(report), "--jsonl", str(rows_file)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={"PATH": f"{env_python}:/usr/bin:/bin", "HOME": str(tmp_path)},
@@ -34,6 +34,10 @@ def test_gpu_check_smoke_runs_every_geometry_and_reports(tmp_path):
             assert 1 <= row["computed"] <= budget and len(row["extra"]["schedule"]) == 10
             assert 0 < row["rel_error"] < 0.5 and row["seconds"] > 0
             assert row["syncs_per_step"] is not None and set(row["syncs_by_kind"]) == {"computed", "predicted"}
+        modules = by[(geometry, "tcpade eager modules balanced")]
+        assert modules["status"] == "ok", modules
+        assert modules["computed"] == by[(geometry, "tcpade eager balanced")]["computed"]
+        assert 0 < modules["rel_error"] < 0.5
         assert by[(geometry, "tcpade inductor cuda_graphs=True balanced")]["status"] == "not available"
         assert by[(geometry, "tcpade inductor mode=reduce-overhead balanced")]["status"] == "not available"
         trt = by[(geometry, "tcpade tensorrt")]
