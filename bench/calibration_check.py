@@ -31,14 +31,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import tcpade_fx  # noqa: E402
 from benchmark import SAMPLES, ImageSamples, euler, scheduler_shift  # noqa: E402
-from granularity_check import row_label  # noqa: E402
+from granularity_check import VARIANT, row_label  # noqa: E402
 from tcpade_fx import models  # noqa: E402
 from tcpade_fx.calibrate import choose  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-#: calibrate's candidate names -> granularity_check's variant names
-VARIANT = {"as given": "shipped", "stack Taylor-1": "stack Taylor-1", "modules Taylor-1": "modules Taylor-1",
-           "modules, its numerics": "modules TC-Padé"}
 #: the choice rule the lines were made with (earlier lines: by the call's PSNR; then per sample with Taylor-2 among
 #: the candidates); only this rule's lines are read
 RULE = "per-sample median and share, and the call's PSNR"

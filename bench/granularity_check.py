@@ -31,19 +31,20 @@ sys.path.insert(0, str(ROOT / "bench"))
 from benchmark import Bench  # noqa: E402
 from extrapolant_check import per_sample_mse  # noqa: E402
 from tcpade_fx import Policy, metrics  # noqa: E402
+from tcpade_fx.calibrate import calibration_candidates  # noqa: E402
+
+
+#: ``tcpade_fx.calibrate``'s candidate names -> the row names this script stores its results under
+VARIANT = {"as given": "shipped", "stack Taylor-1": "stack Taylor-1", "modules Taylor-1": "modules Taylor-1",
+           "modules, its numerics": "modules TC-Padé"}
 
 
 def variants(preset: str) -> list[tuple[str, Policy]]:
-    """(variant, policy): the preset as shipped, and forecasting module outputs with Taylor-1 or its own numerics."""
+    """(variant, policy): calibrate's candidates for the preset (the preset as shipped first), and stack Taylor-2."""
     shipped = Policy.preset(preset)
-    return [
-        ("shipped", shipped),
-        ("modules Taylor-1", shipped.replace(granularity="modules", method="taylor", modulate_denominator=False)),
-        ("modules TC-Padé", shipped.replace(granularity="modules")),
-        ("stack Taylor-1", shipped.replace(method="taylor", modulate_denominator=False)),
-        ("stack Taylor-2", shipped.replace(method="taylor", modulate_denominator=False, order=2, late_order=2,
-                                           history_size=max(3, shipped.history_size))),
-    ]
+    taylor2 = shipped.replace(method="taylor", modulate_denominator=False, order=2, late_order=2,
+                              history_size=max(3, shipped.history_size))
+    return [(VARIANT[name], policy) for name, policy in calibration_candidates(shipped)] + [("stack Taylor-2", taylor2)]
 
 
 def row_label(preset: str, variant: str) -> str:

@@ -28,7 +28,7 @@ import torch
 
 from . import metrics
 from .api import compile, disable
-from .integration import installed_runtime
+from .integration import installed_runtime, output_samples
 from .policy import Policy, resolve_policy
 
 #: Extra compute (fraction of calls) a candidate may take over the preset and still be compared with it.
@@ -122,20 +122,6 @@ def choose(candidates: Sequence[Candidate], margin: float = 0.25, agreement: flo
     return max(eligible, key=lambda c: c.median_gain)  # max keeps the first of equal values
 
 
-def _samples(output) -> torch.Tensor:
-    """A pipeline output (``output_type="np"``) as a float64 tensor in [-1, 1], samples first."""
-    import numpy as np
-
-    array = getattr(output, "images", None)
-    if array is None:
-        array = getattr(output, "frames", None)
-    if array is None:
-        raise ValueError(f"the pipeline's output {type(output).__name__} has neither .images nor .frames")
-    if isinstance(array, list):
-        array = np.stack([np.asarray(a) for a in array])
-    return torch.as_tensor(np.asarray(array, dtype=np.float64)) * 2 - 1
-
-
 def _run(pipe, call: dict, seed: int) -> tuple[torch.Tensor, float]:
     """The call's outputs and the seconds of its second run (the first captures, verifies and compiles)."""
     seconds = 0.0
@@ -149,7 +135,7 @@ def _run(pipe, call: dict, seed: int) -> tuple[torch.Tensor, float]:
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         seconds = time.perf_counter() - start
-    return _samples(output), seconds
+    return output_samples(output, torch.float64), seconds
 
 
 def _sample_mse(full: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -367,9 +367,9 @@ def remove_runtime(target: T) -> T:
     return target
 
 
-def as_images(output) -> torch.Tensor:
-    """A pipeline output (``output_type="np"``: images (B, H, W, C) or video frames (B, F, H, W, C) in [0, 1]) as
-    (N, C, H, W) in [-1, 1]; video frames become images."""
+def output_samples(output, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A pipeline output (``output_type="np"``: images (B, H, W, C) or video frames (B, F, H, W, C) in [0, 1]) as a
+    tensor of ``dtype`` in [-1, 1], samples first, in the output's own layout."""
     import numpy as np
 
     array = getattr(output, "images", None)
@@ -379,6 +379,10 @@ def as_images(output) -> torch.Tensor:
         raise ValueError(f"the pipeline's output {type(output).__name__} has neither .images nor .frames")
     if isinstance(array, list):
         array = np.stack([np.asarray(a) for a in array])
-    x = torch.as_tensor(np.asarray(array, dtype=np.float32))
-    x = x.reshape(-1, *x.shape[-3:])  # frames -> images
-    return x.permute(0, 3, 1, 2) * 2 - 1
+    return torch.as_tensor(np.asarray(array)).to(dtype) * 2 - 1
+
+
+def as_images(output) -> torch.Tensor:
+    """A pipeline output (``output_type="np"``) as images (N, C, H, W) in [-1, 1]; video frames become images."""
+    x = output_samples(output)
+    return x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2)  # frames -> images

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .locate import BlockStackPlan, UnsupportedModelError, _block_pattern, _stack_paths, _target_name
+from .locate import (BlockStackPlan, UnsupportedModelError, _block_pattern, _depends_on, _shape, _stack_paths,
+                     _target_name)
+from .rewrite import _copy, _flat_outputs
 
 aten = torch.ops.aten
 UNITS_INPUT = "tcpade_units"
@@ -78,11 +80,8 @@ def _child_module(node: torch.fx.Node, pattern) -> str | None:
 
 
 def _static_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return None
-    shape = tuple(val.shape)
-    return shape if all(isinstance(s, int) for s in shape) else None
+    shape = _shape(node)
+    return shape if shape is not None and all(isinstance(s, int) for s in shape) else None
 
 
 def locate_forecast_units(gm: torch.fx.GraphModule, plan: BlockStackPlan) -> UnitPlan:
@@ -107,10 +106,7 @@ def locate_forecast_units(gm: torch.fx.GraphModule, plan: BlockStackPlan) -> Uni
         path = _child_module(node, pattern)
         if path is not None:
             module_of[node] = path
-    streamed: set[torch.fx.Node] = {h_in}
-    for node in nodes:
-        if any(a in streamed for a in node.all_input_nodes):
-            streamed.add(node)
+    streamed = _depends_on(nodes, h_in)
     forecast = {m for n, m in module_of.items() if n in streamed and _target_name(n) in _PRODUCTS}
     removed = {n for n, m in module_of.items() if m in forecast}
     if not removed:
@@ -139,8 +135,8 @@ def locate_forecast_units(gm: torch.fx.GraphModule, plan: BlockStackPlan) -> Uni
             "module granularity needs graphs captured with static shapes (the unit sizes are constants of the "
             "graph); the runtime captures them so, an export cannot: use granularity='stack' to export"
         )
-    for node in outputs:
-        shape = _static_shape(node)
+    shapes = [_static_shape(node) for node in outputs]
+    for node, shape in zip(outputs, shapes):
         val = node.meta.get("val")
         if shape is None or not shape or shape[0] != batch[0] or not val.is_floating_point():
             raise UnsupportedModelError(
@@ -152,23 +148,11 @@ def locate_forecast_units(gm: torch.fx.GraphModule, plan: BlockStackPlan) -> Uni
         stack=plan,
         outputs=tuple(n.name for n in outputs),
         modules=tuple(module_of[n] for n in outputs),
-        shapes=tuple(_static_shape(n) for n in outputs),
+        shapes=tuple(shapes),
         dtypes=tuple(n.meta["val"].dtype for n in outputs),
         removed=frozenset(n.name for n in removed),
         stream_width=int(torch.Size(batch[1:]).numel()),
     )
-
-
-def _copy(gm: torch.fx.GraphModule) -> tuple[torch.fx.Graph, dict, object]:
-    graph = torch.fx.Graph()
-    graph._codegen = torch.fx.graph.CodeGen()
-    val_map: dict = {}
-    out = graph.graph_copy(gm.graph, val_map)
-    return graph, val_map, out
-
-
-def _flat(out) -> list:
-    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 def build_units_compute_graph(gm: torch.fx.GraphModule, units: UnitPlan) -> torch.fx.GraphModule:
@@ -181,7 +165,7 @@ def build_units_compute_graph(gm: torch.fx.GraphModule, units: UnitPlan) -> torc
         x = graph.call_function(aten.to.dtype, (val_map[by_name[name]], torch.float32))
         pieces.append(graph.call_function(aten.reshape.default, (x, [batch, -1])))
     flat = graph.call_function(aten.cat.default, (pieces, 1))
-    graph.output((*_flat(out), flat))
+    graph.output((*_flat_outputs(out), flat))
     graph.lint()
     return torch.fx.GraphModule(gm, graph, class_name="TCPadeUnitsCompute")
 
@@ -211,7 +195,7 @@ def build_units_predict_graph(gm: torch.fx.GraphModule, units: UnitPlan) -> torc
         old = val_map[by_name[name]]
         old.replace_all_uses_with(x)
         out = torch.fx.node.map_arg(out, lambda n, old=old, x=x: x if n is old else n)
-    graph.output(tuple(_flat(out)))
+    graph.output(tuple(_flat_outputs(out)))
     out_gm = torch.fx.GraphModule(gm, graph, class_name="TCPadeUnitsPredict")
     # the forecast modules and what only they read; a dead dropout (random only in training) goes too
     out_gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
