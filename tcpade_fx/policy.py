@@ -24,8 +24,6 @@ METHODS: tuple[str, ...] = ("pade", "taylor", "reuse")
 SCHEDULES: tuple[str, ...] = ("adaptive", "fixed", "explicit")
 HistoryDtype = Literal["float32", "bfloat16", "float16", "model"]
 HISTORY_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "model")
-#: the extrapolants :attr:`Policy.alternatives` may name, as (method, order)
-ALTERNATIVES: dict[str, tuple[str, int]] = {"taylor-1": ("taylor", 1), "taylor-2": ("taylor", 2), "reuse": ("reuse", 0)}
 MAX_HISTORY = 4
 MAX_ORDER = 2
 
@@ -58,14 +56,6 @@ class Policy:
             ``T`` its b = 0 polynomial extrapolant on the same nodes) to the residual just computed, and predict
             with it until the next computed step (only for ``method="pade"``). Measured (bench/MODULATION_STUDY.md):
             +0.27 dB mean over plain Padé in 18 cells of both bundled models, better in 13, worse in 3.
-        alternatives: extrapolants (names of :data:`ALTERNATIVES`: ``"taylor-1"``, ``"taylor-2"``, ``"reuse"``)
-            that compete with the policy's own. At each computed step the a-posteriori check also measures the
-            error each of them would have had on the residual just computed; each extrapolant keeps a running
-            level of that error (weight ``error_smoothing``) and the predicted steps that follow use the one with
-            the lowest level (the policy's own until an alternative is lower; the choice is per guidance branch,
-            recorded in each predicted step's ``StepRecord.extrapolant``). An alternative predicts at its own
-            order whatever the stage (the history must hold its nodes). Costs one more extrapolation per
-            alternative on computed steps, nothing on predicted ones. Measured: bench/ADAPTIVE_STUDY.md section 9.
         modulation_smoothing: weight of the newest μ in its running value (1: the newest alone; 0.5 measured better
             on average, bench/modulation_variants.py).
         lambda_min: lower bound of the damping λ applied when the a-posteriori error rises.
@@ -117,7 +107,6 @@ class Policy:
     history_dtype: HistoryDtype = "float32"
     modulate_denominator: bool = True
     modulation_smoothing: float = 0.5
-    alternatives: tuple[str, ...] = ()
     lambda_min: float = 0.5
     rise_factor: float = 2.0
     error_smoothing: float = 0.5
@@ -140,9 +129,6 @@ class Policy:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.alternatives, (list, str)):  # a list (JSON) or one name, as the tuple it means
-            alternatives = (self.alternatives,) if isinstance(self.alternatives, str) else tuple(self.alternatives)
-            object.__setattr__(self, "alternatives", alternatives)
         problems = []
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} is not one of {METHODS}")
@@ -205,15 +191,6 @@ class Policy:
                     f"{max(self.order, self.late_order)} (it needs {need}): raise history_size to {need} or lower "
                     "the order"
                 )
-        if not isinstance(self.alternatives, tuple) or any(a not in ALTERNATIVES for a in self.alternatives):
-            problems.append(f"alternatives={self.alternatives!r} must be a tuple of names from {tuple(ALTERNATIVES)}")
-        elif len(set(self.alternatives)) != len(self.alternatives):
-            problems.append(f"alternatives={self.alternatives!r} names an extrapolant twice")
-        elif not problems:
-            for a in self.alternatives:
-                need = needed_nodes(*ALTERNATIVES[a])
-                if self.history_size < need:
-                    problems.append(f"alternative {a!r} needs {need} history points: raise history_size to {need}")
         if not problems and self.early_end > self.late_start:
             problems.append(f"early_end={self.early_end} must not exceed late_start={self.late_start}")
         if self.schedule == "explicit" and (not isinstance(self.mask, str) or set(self.mask) - {"C", "."}):

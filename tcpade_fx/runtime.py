@@ -37,7 +37,6 @@ time off each call's ``timestep``: one read per call more.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ from .passes import (BlockStackPlan, ShapePlan, VerificationError, bind_call, bu
                      time_argument)
 from .passes.verify import eager_outputs
 from .passes.dynamic import leaf_layout
-from .policy import ALTERNATIVES, Policy
+from .policy import Policy
 
 
 @dataclass
@@ -76,7 +75,6 @@ class StepRecord:
     error_estimate: float | None
     check_error: float | None  # computed steps: relative error the prediction would have had here
     context: str | None = None  # the pipeline's cache_context name of the call ("cond", "uncond"), if any
-    extrapolant: str | None = None  # predicted steps with Policy.alternatives: the one used ("policy" or its name)
 
 
 @dataclass
@@ -188,9 +186,6 @@ class Branch:
     modulation_mean: float = 1.0  # its batch mean, for the stats (read once per fit, not once per predicted step)
     signature: Any = None  # the input signature its history was computed with
     check_errors: list[float] = field(default_factory=list)  # the newest checked errors (jump detection)
-    #: Policy.alternatives: running level of each extrapolant's checked error ("policy": the policy's own)
-    error_levels: dict[str, float] = field(default_factory=dict)
-    extrapolant: str = "policy"  # the one the next predicted steps use
 
     @property
     def has_history(self) -> bool:
@@ -235,8 +230,6 @@ class Branch:
         self.slots = []
         self.modulation, self.modulation_mean = 1.0, 1.0
         self.check_errors = []
-        self.error_levels = {}
-        self.extrapolant = "policy"
         self.controller.clear_history()
 
 
@@ -831,14 +824,10 @@ class TCPadeRuntime:
         order = max(decision.order, 0)
         fit = self._agree_on_decision(branch, decision, time, order, batch)
         if not decision.compute:
-            if branch.extrapolant == "policy":
-                method, modulation = p.method, branch.modulation
-            else:
-                (method, order), modulation, fit = ALTERNATIVES[branch.extrapolant], 1.0, None
             residual = extrapolate_stacked(
-                branch.times, branch.ring, time, like=branch.newest, method=method,
+                branch.times, branch.ring, time, like=branch.newest, method=p.method,
                 order=order, eps=p.eps, pole_margin=p.pole_margin,
-                damping=decision.damping, modulation=modulation, fit=fit,
+                damping=decision.damping, modulation=branch.modulation, fit=fit,
                 slots=branch.slots, out=branch.prediction,
             )
             # never stepped with a non-finite residual, without a read: such rows become the newest computed
@@ -847,8 +836,7 @@ class TCPadeRuntime:
             self._pending_fallbacks.append(_PendingFallback(step, branch.index, len(self._stats.records), rows))
             out = graphs.predict(*leaves, residual)
             branch.controller.record_predict()
-            self._record(**record, modulation=branch.modulation_mean if self._modulates else None,
-                         extrapolant=branch.extrapolant if p.alternatives else None)
+            self._record(**record, modulation=branch.modulation_mean if self._modulates else None)
             return out
         *out, residual = first if first is not None else graphs.compute(*leaves)
         # collective 2 of a computed step: the residual's finiteness (as the history stores it) and the a-posteriori
@@ -978,13 +966,6 @@ class TCPadeRuntime:
             found["modulation"] = pack.add("scaled", partials), pack.add(
                 "sum", torch.full((1,), float(count), device=residual.device))
         found["error"] = pack.add("norm", relative_error_partials(residual, predicted, per_sample=p.per_sample))
-        found["alternatives"] = []
-        for name in p.alternatives:
-            method, alt_order = ALTERNATIVES[name]
-            alt = extrapolate_stacked(branch.times, branch.ring, time, method=method,
-                                      **{**kw, "order": alt_order, "fit": None})
-            found["alternatives"].append(
-                pack.add("norm", relative_error_partials(residual, alt, per_sample=p.per_sample)))
         found["velocity"] = pack.add("norm", relative_error_partials(residual, branch.newest, per_sample=False))
         return found
 
@@ -1001,7 +982,6 @@ class TCPadeRuntime:
             a = self.policy.modulation_smoothing
             check["fitted"] = a * fitted + (1 - a) * mu
             scalars.append(check["fitted"].mean())
-        scalars += [relative_error_from(reduced[at]).max() for at in check["alternatives"]]
         return scalars
 
     def _finish_check(self, branch: Branch, time: float, check: dict, values: list[float]) -> tuple:
@@ -1012,31 +992,11 @@ class TCPadeRuntime:
             velocity = values[1] / dt
         if "fitted" in check:
             branch.modulation, branch.modulation_mean = check["fitted"], values[2]
-        if check["alternatives"]:
-            check_error = self._choose_extrapolant(branch, values[-len(check["alternatives"]):], check_error)
         return check_error, velocity
 
-    def _choose_extrapolant(self, branch: Branch, alternative_errors: list[float], own_error: float) -> float:
-        """Policy.alternatives: update each extrapolant's running error level with its checked error at this step
-        and choose the lowest for the predicted steps that follow. Returns the checked error of the extrapolant
-        that was in use (what this step's prediction would have been), for the controller and the stats."""
-        a = self.policy.error_smoothing
-        errors = {"policy": own_error, **dict(zip(self.policy.alternatives, alternative_errors))}
-        in_use = errors[branch.extrapolant]
-        for name, error in errors.items():
-            if math.isfinite(error):
-                level = branch.error_levels.get(name)
-                branch.error_levels[name] = error if level is None else a * error + (1 - a) * level
-            else:
-                branch.error_levels[name] = math.inf
-        branch.extrapolant = min(branch.error_levels, key=lambda n: (branch.error_levels[n], n != "policy"))
-        return in_use
-
-    def _record(self, step, branch, context, time, decision, check_error=None, computed=False, modulation=None,
-                extrapolant=None):
+    def _record(self, step, branch, context, time, decision, check_error=None, computed=False, modulation=None):
         self._stats.records.append(StepRecord(
             step=step, branch=branch, time=time, computed=computed, stage=decision.stage, reason=decision.reason,
             order=decision.order, damping=decision.damping, modulation=modulation,
             error_estimate=decision.error_estimate, check_error=check_error, context=context,
-            extrapolant=extrapolant,
         ))

@@ -118,7 +118,7 @@ def _policy_from_fields(fields: Any) -> Policy:
         raise ManifestMismatchError(f"manifest policy is not valid here: {exc}") from None
     if policy.name in PRESETS:
         preset = policy_fields(PRESETS[policy.name])
-        diff = {k: (v, preset[k]) for k, v in policy_fields(policy).items() if preset[k] != v}
+        diff = {k: (v, preset[k]) for k, v in fields.items() if preset[k] != v}
         if diff:
             raise ManifestMismatchError(
                 f"manifest policy claims the preset {policy.name!r} but its fields differ from this library's "
