@@ -287,6 +287,13 @@ class _PendingFallback:
     rows: torch.Tensor
 
 
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"
+
+
 def read_scalars(tensors: Sequence[torch.Tensor]) -> list[float]:
     """The values of small tensors as Python floats, in ONE host read (concatenated on the device first)."""
     device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
@@ -498,9 +505,16 @@ class TCPadeRuntime:
                               verify=self.verify, granularity=self.policy.granularity,
                               dynamic=self.dynamic_shapes and self._parallel is None and not modules)
         if graphs.units is not None:  # standing: every trajectory's stats say what the history holds
-            note = (f"granularity 'modules': {len(graphs.units.outputs)} module outputs forecast "
-                    f"({graphs.units.width} values per sample, {graphs.units.width / graphs.units.stream_width:.1f}x "
-                    "the stack residual), graphs captured with static shapes")
+            units, p = graphs.units, self.policy
+            dtype = p.history_torch_dtype or torch.float32  # "model": the units' own dtype, float32
+            batch = units.shapes[0][0]
+            size = p.history_size * batch * units.width * dtype.itemsize
+            note = (f"granularity 'modules': {len(units.outputs)} module outputs forecast "
+                    f"({units.width} values per sample, {units.width / units.stream_width:.1f}x the stack residual; "
+                    f"the history holds {_size(size)} per guidance branch at batch {batch}, {p.history_size} x "
+                    f"{str(dtype).removeprefix('torch.')}"
+                    + ("; history_dtype='bfloat16' halves it" if dtype.itemsize == 4 else "")
+                    + "), graphs captured with static shapes")
             self.standing_notes = [n for n in self.standing_notes if not n.startswith("granularity 'modules'")]
             self.standing_notes.append(note)
             self._stats.notes.append(note)

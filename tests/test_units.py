@@ -4,6 +4,8 @@ the runtime on real tiny pipelines, the refusals, and quality on the trained mni
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -141,17 +143,32 @@ def test_pipelines_run_module_granularity_on_the_stack_schedule(family):
 
     def run(policy):
         tcpade_fx.compile(pipe, policy=policy)
+        runtime, reset = pipe.tcpade, pipe.tcpade.reset
+
+        def reset_and_measure():  # a pipeline ends its trajectory with a reset: measure the rings before it
+            rings.extend(b.ring.nbytes for b in runtime.branches.values() if b.ring is not None)
+            reset()
+
+        runtime.reset = reset_and_measure
         out = output_of(pipe(**kwargs, num_inference_steps=20, generator=torch.Generator().manual_seed(0)))
         stats = pipe.tcpade.stats
+        reset_and_measure()
         tcpade_fx.disable(pipe)
         return out, stats
 
+    rings: list[int] = []
     full, _ = run("full")
     stack, stack_stats = run(MODULES.replace(granularity="stack"))
+    rings.clear()
     modules, stats = run(MODULES)
     assert torch.isfinite(modules).all() and not torch.equal(modules, full)
     assert stats.decisions() == stack_stats.decisions() and stats.predicted > 0
     assert any("granularity 'modules'" in n and "static shapes" in n for n in stats.notes), stats.notes
+    # the note says how much memory the history holds: what each branch's ring allocates
+    held = [re.search(r"the history holds ([\d.]+) (B|KiB|MiB|GiB) per guidance branch", n) for n in stats.notes]
+    amount, unit = next(m for m in held if m).groups()
+    stated = float(amount) * {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}[unit]
+    assert rings and all(abs(r - stated) <= 0.05 * r for r in rings), (rings, amount, unit)
     # every branch of a separate-call guidance keeps its own unit history, as for the stack
     branches = {r.branch for r in stats.records}
     assert len(branches) == (2 if family == "wan" else 1)
