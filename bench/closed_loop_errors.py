@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import tcpade_fx.runtime as R  # noqa: E402
 from benchmark import Bench  # noqa: E402
+from granularity_check import variants  # noqa: E402
 from tcpade_fx import Policy, metrics  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main() -> None:
     seeds = list(range(args.samples))
     given = dict(labels=[s % 10 for s in seeds], latents=bench.latents_for(seeds))
     full = bench.sample(bench.pipe(bench.euler()), args.steps, **given)
-    base = Policy.preset(args.preset)
+    base = Policy.preset(args.preset)  # and Taylor-2 on its plan as the granularity check runs it
     errors: list[tuple[int, int, tuple[float, ...]]] = []
     run = R.TCPadeRuntime._run
 
@@ -72,9 +73,7 @@ def main() -> None:
 
     R.TCPadeRuntime._run = shadowed_run
     try:
-        for name, policy in [("preset", base),
-                             ("Taylor-2", base.replace(method="taylor", modulate_denominator=False, order=2,
-                                                       late_order=2))]:
+        for name, policy in [("preset", base), ("Taylor-2", dict(variants(args.preset))["stack Taylor-2"])]:
             errors.clear()
             out = bench.sample(bench.pipe(bench.euler(), policy), args.steps, **given)
             per_step: dict[int, list[tuple[float, ...]]] = {}

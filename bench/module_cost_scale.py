@@ -34,12 +34,9 @@ MODULES = Policy.preset("balanced").replace(granularity="modules", method="taylo
 
 def transformer_of_width(width: int, layers: int):
     torch.manual_seed(0)
-    return wan.WanTransformer3DModel(
-        patch_size=wan.PATCH, num_attention_heads=width // 64 if width >= 64 else 1,
-        attention_head_dim=64 if width >= 64 else width, in_channels=1, out_channels=1, text_dim=64, freq_dim=64,
-        ffn_dim=4 * width, num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=64,
-    ).eval()
+    heads, head_dim = (width // 64, 64) if width >= 64 else (1, width)
+    return wan.mnist_wan_transformer(num_attention_heads=heads, attention_head_dim=head_dim, ffn_dim=4 * width,
+                                     num_layers=layers).eval()
 
 
 def main() -> None:

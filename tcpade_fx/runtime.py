@@ -46,6 +46,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .backends import get_backend
+from .backends.registry import dtype_name
 from .controller import StepController
 from .distributed import DivergedDecisionError, ParallelContext, UnsupportedParallelismError, parallel_context
 from .pade import (LOCAL, StatPack, StatReducer, denominator_partials, extrapolate_stacked, modulation_from,
@@ -512,7 +513,7 @@ class TCPadeRuntime:
             note = (f"granularity 'modules': {len(units.outputs)} module outputs forecast "
                     f"({units.width} values per sample, {units.width / units.stream_width:.1f}x the stack residual; "
                     f"the history holds {_size(size)} per guidance branch at batch {batch}, {p.history_size} x "
-                    f"{str(dtype).removeprefix('torch.')}"
+                    f"{dtype_name(dtype)}"
                     + ("; history_dtype='bfloat16' halves it" if dtype.itemsize == 4 else "")
                     + "), graphs captured with static shapes")
             self.standing_notes = [n for n in self.standing_notes if not n.startswith("granularity 'modules'")]

@@ -49,18 +49,20 @@ CONTENT_BOX = 20.0  # MNIST digits are normalised into a 20×20 box centred in t
 DEFAULT_GUIDANCE = 5.0
 
 
-def mnist_wan_transformer() -> WanTransformer3DModel:
-    """The Wan transformer of ``mnist-wan``: hidden 128 (4 heads × 32), 4 blocks, patch (1, 4, 4)."""
+def mnist_wan_transformer(num_attention_heads: int = 4, attention_head_dim: int = 32, ffn_dim: int = 384,
+                          num_layers: int = 4) -> WanTransformer3DModel:
+    """The Wan transformer of ``mnist-wan``: hidden 128 (4 heads × 32), 4 blocks, patch (1, 4, 4). Other widths and
+    depths (untrained, e.g. for bench/module_cost_scale.py) keep its patch, channels and conditioning."""
     return WanTransformer3DModel(
         patch_size=PATCH,
-        num_attention_heads=4,
-        attention_head_dim=32,
+        num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim,
         in_channels=1,
         out_channels=1,
         text_dim=64,
         freq_dim=64,
-        ffn_dim=384,
-        num_layers=4,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=64,
