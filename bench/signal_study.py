@@ -16,7 +16,11 @@ Signals, each computed without the residual it predicts:
   compute every step (1/L of a step: the signal DBCache uses);
 * ``controller``: the runtime's own error estimate (TSI · ω) for that step in the preset run (None where the
   controller made none: those steps are left out of its correlation);
-* ``gap``: |t − t_newest node| / span of the nodes, the trivial baseline every signal must beat.
+* ``gap``: |t − t_newest node| / span of the nodes, the trivial baseline every signal must beat;
+* ``input``: the relative error of the same extrapolation applied to the block stack's INPUT (the head's output,
+  which every step computes anyway: no model cost);
+* ``input change``: ‖x(t) − x(t_newest node)‖ / ‖x(t_newest node)‖ of that input (TeaCache's kind of signal, on the
+  unmodulated input; no model cost).
 
 Rank correlations (Spearman): ``within`` a trajectory (over the predicted steps of one sample, mean over samples:
 does the signal find the hard steps?) and ``across`` samples (over the samples at one predicted step, mean over
@@ -45,7 +49,7 @@ from benchmark import GUIDANCE, sample_images  # noqa: E402
 from tcpade_fx import Policy, metrics, models  # noqa: E402
 from tcpade_fx.pade import extrapolate  # noqa: E402
 
-SIGNALS = ("embedded", "probe", "controller", "gap")
+SIGNALS = ("embedded", "probe", "controller", "gap", "input", "input change")
 
 
 def full_residuals(model: str, labels, latents, steps: int) -> tuple[list[float], list[torch.Tensor]]:
@@ -68,16 +72,19 @@ def full_residuals(model: str, labels, latents, steps: int) -> tuple[list[float]
     return [t for t, _ in seen], [r for _, r in seen]
 
 
-def probe_residuals(model: str, labels, latents, steps: int) -> list[torch.Tensor]:
-    """The first block's residual (its hidden-states output minus input) at every step of the untouched run."""
+def probe_residuals(model: str, labels, latents, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first block's residual (its hidden-states output minus input) and its hidden-states input (the block
+    stack's input) at every step of the untouched run."""
     pipe = models.load(model)
     block = pipe.transformer.transformer_blocks[0]
     seen: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []
 
     def hook(module, args, kwargs, output):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         out = output[1] if isinstance(output, tuple) else output  # Flux's dual block: (encoder, hidden)
         seen.append((out - hidden).detach().reshape(out.shape[0], -1).float().clone())
+        inputs.append(hidden.detach().reshape(out.shape[0], -1).float().clone())
 
     handle = block.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -85,7 +92,7 @@ def probe_residuals(model: str, labels, latents, steps: int) -> list[torch.Tenso
     finally:
         handle.remove()
     assert len(seen) == steps
-    return seen
+    return seen, inputs
 
 
 def preset_run(model: str, labels, latents, steps: int, preset: str):
@@ -114,7 +121,7 @@ def predict(times, history, target, policy: Policy, method: str = "pade") -> tor
     return extrapolate(times, history, target, method=method, order=order)
 
 
-def study(model: str, steps: int, preset: str, labels, latents, full, probes) -> dict:
+def study(model: str, steps: int, preset: str, labels, latents, full, probes, inputs) -> dict:
     times, residuals = full
     schedule, estimates, policy = preset_run(model, labels, latents, steps, preset)
     batch = len(labels)
@@ -130,6 +137,7 @@ def study(model: str, steps: int, preset: str, labels, latents, full, probes) ->
         taylor = predict(t_nodes, [residuals[j] for j in nodes], times[k], policy, method="taylor")
         probe = predict(t_nodes, [probes[j] for j in nodes], times[k], policy)
         span = max(abs(t_nodes[-1] - t_nodes[0]), 1e-12)
+        given = predict(t_nodes, [inputs[j] for j in nodes], times[k], policy)
         rows.append({
             "step": k,
             "actual": per_sample_error(residuals[k], pade, batch),
@@ -137,6 +145,8 @@ def study(model: str, steps: int, preset: str, labels, latents, full, probes) ->
             "probe": per_sample_error(probes[k], probe, batch),
             "controller": np.full(batch, np.nan if estimates[k] is None else estimates[k]),
             "gap": np.full(batch, abs(times[k] - t_nodes[-1]) / span),
+            "input": per_sample_error(inputs[k], given, batch),
+            "input change": per_sample_error(inputs[nodes[-1]], inputs[k], batch),
         })
     result = {"model": model, "steps": steps, "preset": preset, "schedule": schedule, "predicted": len(rows)}
     for signal in SIGNALS:
@@ -198,9 +208,9 @@ def main() -> None:
     results = []
     for model, steps in itertools.product(args.models, args.steps):
         full = full_residuals(model, labels, latents, steps)
-        probes = probe_residuals(model, labels, latents, steps)
+        probes, inputs = probe_residuals(model, labels, latents, steps)
         for preset in args.presets:
-            results.append(study(model, steps, preset, labels, latents, full, probes))
+            results.append(study(model, steps, preset, labels, latents, full, probes, inputs))
             print(results[-1], flush=True)
     text = report(results, args.samples)
     print(text)

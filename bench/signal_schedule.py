@@ -1,0 +1,294 @@
+"""Issue 13 part 2, second half: let a free error signal move the compute, at the plan's budget.
+
+    python bench/signal_schedule.py [--models mnist-dit mnist-dit-heldout mnist-wan] [--steps 20 28 50]
+                                    [--samples 16] [--kappa 0.5 1 2] [--out FILE]
+
+bench/signal_study.py found a signal that costs no model work and ranks the steps of a trajectory about as well as
+the first-block probe: the relative error of the same extrapolation applied to the block stack's *input* (the
+head's output, which every step computes anyway). This harness lets it decide, on the model's own trajectory
+(closed loop, not teacher-forced), which steps compute, with the preset's budget exactly:
+
+* ``plan``: the preset's own schedule (the decisions of a real ``tcpade_fx.compile`` run of the preset), replayed;
+* ``signal κ``: the plan's warm-up and last step; between them a step computes when the input signal s(t)
+  (the batch mean of the per-row ‖x(t) − x̂(t)‖ / ‖x(t)‖, x̂ the extrapolation of the inputs at the computed steps)
+  exceeds τ·exp(κ·(C − P)), where τ is the signal's level at the computations so far (geometric mean of the newest
+  three), C the computations so far and P the plan's up to this step: the plan sets the pace, the signal the timing.
+  The budget is kept: no computation once the plan's count is spent, every remaining step computed when the
+  remaining budget equals them, and the policy's ``mid_max_skip`` / ``late_max_skip`` hold.
+* ``signal-mono κ``: the same with the plan's own constraint that the gaps between computations never shrink
+  (a computation that would end a shorter gap than the one before it waits);
+* ``gap κ`` / ``gap-mono κ``: the same rules on the distance from the newest node over the nodes' span (the trivial signal), to show
+  what the input signal adds over the spacing the plan already encodes.
+
+Both rows predict with the same numerics (the newest ``history_size`` computed residuals, Padé [L/1], L = nodes − 2
+up to the policy's order, no modulation), so the rows differ by the schedule only. The block stack is bypassed by
+replacing the transformer's block list with one module that runs the blocks or returns input + predicted
+residual; guidance branches (Wan's two calls per step) keep separate histories and decide separately. PSNR over
+all samples (frames) vs the full run of the same seeds; seeds 3000.. (held out: no preset or study chose with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import tcpade_fx  # noqa: E402
+from benchmark import GUIDANCE, sample_images  # noqa: E402
+from tcpade_fx import Policy, metrics, models  # noqa: E402
+from tcpade_fx.models import wan  # noqa: E402
+from tcpade_fx.pade import extrapolate  # noqa: E402
+
+
+def row_errors(actual: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    a, p = actual.reshape(actual.shape[0], -1).float(), predicted.reshape(actual.shape[0], -1).float()
+    return torch.linalg.vector_norm(a - p, dim=1) / torch.linalg.vector_norm(a, dim=1).clamp_min(1e-30)
+
+
+class BranchState:
+    def __init__(self):
+        self.times: list[float] = []
+        self.residuals: list[torch.Tensor] = []
+        self.inputs: list[torch.Tensor] = []
+        self.levels: list[float] = []  # the signal at the computations (from the first one with history)
+        self.computed = 0
+        self.run = 0
+        self.schedule = ""
+        self.last_gap = 0  # steps between the two newest computations
+        self.predicted = 0
+        self.extra: dict[int, int] = {}  # per-sample compute (rows rules): sample -> extra row computations
+
+
+class StackBypass(torch.nn.Module):
+    """Stands in for the transformer's block list: one call per transformer call, computes or predicts."""
+
+    def __init__(self, blocks, rule: str, plan: str, policy: Policy, kappa: float, wan_blocks: bool):
+        super().__init__()
+        self.blocks = blocks
+        self.rule, self.plan, self.policy, self.kappa, self.wan_blocks = rule, plan, policy, kappa, wan_blocks
+        self.branches: dict[int, BranchState] = {}
+        self.calls_per_step = 1
+        self.group_size = 1  # rows per sample in one call (2 where both guidance branches share the call)
+        self.row_budget = 0  # rows rules: samples computed on predicted steps, per branch, in all
+        self.call = 0
+        self.time = 0.0
+
+    def __getattr__(self, name):  # DiT's tail reads transformer_blocks[0].norm1.emb
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["blocks"][0], name)
+
+    def _nodes(self, b: BranchState):
+        k = self.policy.history_size
+        return b.times[-k:], b.residuals[-k:], b.inputs[-k:]
+
+    def _extrapolate(self, times, values, t):
+        order = min(max(len(values) - 2, 0), self.policy.order)
+        return extrapolate(times, values, t, method="pade", order=order)
+
+    def _signal(self, b: BranchState, x: torch.Tensor, t: float) -> float:
+        times, _, inputs = self._nodes(b)
+        if self.rule.startswith("gap"):
+            return abs(t - times[-1]) / max(abs(times[-1] - times[0]), 1e-12)
+        return float(row_errors(x, self._extrapolate(times, inputs, t)).mean())
+
+    def _decide(self, b: BranchState, step: int, x: torch.Tensor, t: float) -> tuple[bool, float | None]:
+        n, plan = len(self.plan), self.plan
+        warmup = len(plan) - len(plan.lstrip("C"))
+        planned = plan[step] == "C"
+        if self.rule == "plan" or self.rule.startswith("rows") or step < warmup or step == n - 1 or len(b.times) < 2:
+            return planned, (self._signal(b, x, t) if len(b.times) >= 2 and self.rule != "plan" else None)
+        s = self._signal(b, x, t)
+        budget_left = plan.count("C") - b.computed - 1  # the last step is reserved
+        remaining = n - 1 - step
+        stage_late = step / (n - 1) >= self.policy.late_start
+        max_skip = self.policy.late_max_skip if stage_late else self.policy.mid_max_skip
+        if budget_left <= 0:
+            return False, s
+        if budget_left >= remaining or b.run >= max_skip:
+            return True, s
+        if not b.levels:
+            return planned, s
+        if self.rule.endswith("-mono") and b.run + 1 < b.last_gap:
+            return False, s  # the gaps may not shrink (the plan's rule, controller._replan)
+        level = math.exp(sum(math.log(max(v, 1e-30)) for v in b.levels[-3:]) / len(b.levels[-3:]))
+        behind = b.computed - plan[:step].count("C")
+        return s > level * math.exp(self.kappa * behind), s
+
+    def forward(self, hidden_states, *args, **kwargs):
+        branch = self.call % self.calls_per_step
+        step = self.call // self.calls_per_step
+        self.call += 1
+        b = self.branches.setdefault(branch, BranchState())
+        t = self.time
+        compute, s = self._decide(b, step, hidden_states, t)
+        if compute:
+            out = hidden_states
+            for block in self.blocks:
+                out = block(out, *args, **kwargs)
+            b.times.append(t)
+            b.residuals.append((out - hidden_states).detach().float())
+            b.inputs.append(hidden_states.detach().float())
+            b.times, b.residuals, b.inputs = b.times[-4:], b.residuals[-4:], b.inputs[-4:]
+            b.computed += 1
+            b.last_gap = b.run + 1
+            b.run = 0
+            if s is not None:
+                b.levels.append(s)
+            b.schedule += "C"
+            return out
+        times, residuals, _ = self._nodes(b)
+        b.run += 1
+        b.schedule += "."
+        out = hidden_states + self._extrapolate(times, residuals, t).to(hidden_states.dtype)
+        if self.rule.startswith("rows"):
+            out = self._compute_rows(b, step, hidden_states, out, args, kwargs)
+        return out
+
+    def _compute_rows(self, b: BranchState, step: int, x, out, args, kwargs):
+        """Per-sample compute: on a predicted step, the samples the rule picks run the blocks on a sub-batch and
+        step with their true residual (the history, batch-synchronous, is not changed). ``row_budget`` samples per
+        branch in all, spread evenly over the plan's predicted steps."""
+        predicted_steps = self.plan.count(".")
+        j = b.predicted
+        b.predicted += 1
+        allowed = (j + 1) * self.row_budget // predicted_steps - j * self.row_budget // predicted_steps
+        if allowed <= 0:
+            return out
+        rows = x.shape[0]
+        samples = rows // self.group_size
+        groups = [[g + k * samples for k in range(self.group_size)] for g in range(samples)]
+        if self.rule == "rows-signal":
+            times, _, inputs = self._nodes(b)
+            err = row_errors(x, self._extrapolate(times, inputs, self.time))
+            score = torch.stack([err[g].mean() for g in groups])
+        else:
+            score = torch.rand(samples, generator=torch.Generator().manual_seed(1000 * step + len(b.schedule)))
+        chosen = torch.topk(score, min(allowed, samples)).indices.tolist()
+        idx = torch.tensor([r for g in chosen for r in groups[g]])
+
+        def take(v):
+            return v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
+
+        sub = x[idx]
+        sub_args = [take(a) for a in args]
+        sub_kwargs = {k: take(v) for k, v in kwargs.items()}
+        for block in self.blocks:
+            sub = block(sub, *sub_args, **sub_kwargs)
+        out = out.clone()
+        out[idx] = sub
+        for g in chosen:
+            b.extra[g] = b.extra.get(g, 0) + 1
+        return out
+
+
+def install(pipe, rule: str, plan: str, policy: Policy, kappa: float, row_budget: int = 0) -> StackBypass:
+    transformer = pipe.transformer
+    name = "blocks" if hasattr(transformer, "blocks") else "transformer_blocks"
+    blocks = getattr(transformer, name)
+    bypass = StackBypass(blocks, rule, plan, policy, kappa, wan_blocks=name == "blocks")
+    bypass.calls_per_step = 2 if name == "blocks" else 1  # Wan's guidance: two calls per step
+    bypass.group_size = 1 if name == "blocks" else 2  # the image pipelines batch cond and uncond rows
+    bypass.row_budget = row_budget
+
+    def read_time(module, args, kwargs):
+        bypass.time = float(kwargs["timestep"].reshape(-1)[0])
+
+    transformer.register_forward_pre_hook(read_time, with_kwargs=True)
+    setattr(transformer, name, torch.nn.ModuleList([bypass]))
+    return bypass
+
+
+def seeded_inputs(model: str, seeds: list[int]) -> tuple[list[int], torch.Tensor]:
+    labels = [s % 10 for s in seeds]
+    if model == "mnist-wan":
+        return labels, metrics.seeded_latents(seeds, shape=(1, wan.NUM_FRAMES, 28, 28))
+    return labels, metrics.seeded_latents(seeds)
+
+
+def run(model: str, labels, latents, steps: int, setup=None) -> torch.Tensor:
+    pipe = models.load(model)
+    if setup is not None:
+        setup(pipe)
+    with torch.no_grad():
+        if model == "mnist-wan":
+            return pipe(labels, num_inference_steps=steps, latents=latents, guidance_scale=wan.DEFAULT_GUIDANCE,
+                        output_type="pt").frames
+        return sample_images(pipe, labels, latents, steps)
+
+
+def preset_plan(model: str, labels, latents, steps: int, preset: str | Policy) -> tuple[str, Policy]:
+    pipe = models.load(model)
+    tcpade_fx.compile(pipe, policy=preset)
+    with torch.no_grad():
+        if model == "mnist-wan":
+            pipe(labels[:1], num_inference_steps=steps, latents=latents[:1], guidance_scale=wan.DEFAULT_GUIDANCE,
+                 output_type="pt")
+        else:
+            sample_images(pipe, labels[:1], latents[:1], steps)
+    return pipe.tcpade.stats.decisions(0), pipe.tcpade.policy
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(metrics.psnr(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["mnist-dit", "mnist-dit-heldout", "mnist-wan"])
+    ap.add_argument("--steps", nargs="+", type=int, default=[20, 28, 50])
+    ap.add_argument("--presets", nargs="+", default=["balanced"])
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--kappa", nargs="+", type=float, default=[0.5, 1.0, 2.0])
+    ap.add_argument("--per-sample", action="store_true",
+                    help="per-sample compute: one plan computation fewer, its rows spent on the samples the input "
+                         "signal (or chance) picks at predicted steps")
+    ap.add_argument("--rules", nargs="+", default=["signal", "gap", "signal-mono", "gap-mono"])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "signal-schedule.jsonl")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    seeds = list(range(3000, 3000 + args.samples))
+    for model, steps, preset in itertools.product(args.models, args.steps, args.presets):
+        labels, latents = seeded_inputs(model, seeds)
+        full = run(model, labels, latents, steps)
+        plan, policy = preset_plan(model, labels, latents, steps, preset)
+        rows = [("plan", 0.0, plan)]
+        if args.per_sample:
+            # one computation fewer in the plan, its rows spent on the samples a rule picks at predicted steps
+            fewer = Policy.preset(preset).replace(compute_budget=(plan.count("C") - 1) / steps)
+            reduced, _ = preset_plan(model, labels, latents, steps, fewer)
+            rows += [("plan", 0.0, reduced), ("rows-signal", 0.0, reduced), ("rows-random", 0.0, reduced)]
+        else:
+            rows += [(r, k, plan) for r in args.rules for k in args.kappa]
+        for rule, kappa, mask in rows:
+            holder = {}
+            budget = args.samples if rule.startswith("rows") else 0
+            out = run(model, labels, latents, steps,
+                      setup=lambda p: holder.setdefault("b", install(p, rule, mask, policy, kappa, budget)))
+            bypass = holder["b"]
+            branches = [bypass.branches[k] for k in sorted(bypass.branches)]
+            schedules = [b.schedule for b in branches]
+            extra = sum(sum(b.extra.values()) for b in branches) / args.samples  # in whole-batch computations
+            computed = (sum(s.count("C") for s in schedules) + extra) / sum(len(s) for s in schedules)
+            per_sample = [sum(b.extra.get(g, 0) for b in branches) for g in range(args.samples)]
+            record = dict(model=model, steps=steps, preset=preset, rule=rule, kappa=kappa, samples=args.samples,
+                          plan=mask, schedules=schedules, compute=computed, psnr=psnr(out, full),
+                          per_sample_psnr=[psnr(out[i:i + 1], full[i:i + 1]) for i in range(args.samples)],
+                          extra_computes_per_sample=per_sample)
+            print(json.dumps(record), flush=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
