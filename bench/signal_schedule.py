@@ -54,6 +54,58 @@ def row_errors(actual: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(a - p, dim=1) / torch.linalg.vector_norm(a, dim=1).clamp_min(1e-30)
 
 
+def input_guided(times, residuals, inputs, x, t, variant: str) -> torch.Tensor:
+    """Predict the residual as Σ w_i R_i over the newest three nodes with per-row weights that reproduce the step's
+    own stack input x (known on a predicted step: the head ran) as well as the nodes allow: to first order
+    R(x, t) ≈ R_0 + J (x − x_0) + g (t − t_0), so weights with Σ w = 1, Σ w t_i = t and Σ w x_i = x reproduce R.
+
+    ``input-time``: Σ w = 1 and Σ w t_i = t exactly (a one-parameter family containing Taylor-1 on the newest two
+    nodes and Taylor-2 on all three), the parameter fitted per row to the input; ``input-time-clip``: the same,
+    the parameter kept between Taylor-1's and Taylor-2's; ``input-affine``: Σ w = 1 only, both free parameters fitted."""
+    ts = torch.tensor(times[-3:], dtype=torch.float64)
+    X = torch.stack([v.reshape(v.shape[0], -1).double() for v in inputs[-3:]])  # (3, rows, F)
+    R = torch.stack([v.reshape(v.shape[0], -1).double() for v in residuals[-3:]])
+    xr = x.reshape(x.shape[0], -1).double()
+    if variant.startswith("pade-input"):
+        # Padé's prediction, corrected along the one direction of node weights that keeps Σ w and Σ w t (the null
+        # direction n) by as much as the input's own Padé prediction misses the step's known input along it
+        order = min(max(len(residuals) - 2, 0), 1)
+        pade_r = extrapolate(times, residuals, t, method="pade", order=order).reshape(R.shape[1:]).double()
+        pade_x = extrapolate(times, inputs, t, method="pade", order=order).reshape(X.shape[1:]).double()
+        n = torch.linalg.svd(torch.stack([torch.ones(3, dtype=torch.float64), ts])).Vh[-1]
+        dirn = torch.einsum("k,krf->rf", n, X)
+        lam = ((xr - pade_x) * dirn).sum(1) / (dirn * dirn).sum(1).clamp_min(1e-30)
+        if variant == "pade-input-clip":
+            theta = (t - ts[2]) / (ts[2] - ts[1])
+            w0 = torch.tensor([0.0, -theta, 1 + theta], dtype=torch.float64)
+            lag = torch.tensor([math.prod((t - ts[j]) / (ts[i] - ts[j]) for j in range(3) if j != i)
+                                for i in range(3)], dtype=torch.float64)
+            bound = abs(float((lag - w0) @ n))  # the distance from Taylor-1 to Taylor-2 along n
+            lam = lam.clamp(-bound, bound)
+        out = pade_r + lam[:, None] * torch.einsum("k,krf->rf", n, R)
+        return out.reshape(residuals[-1].shape).float()
+    if variant == "input-affine":
+        # w = e3 + a (e1 − e3) + b (e2 − e3): least squares in (a, b) per row
+        D = torch.stack([X[0] - X[2], X[1] - X[2]], dim=-1)  # (rows, F, 2)
+        y = (xr - X[2]).unsqueeze(-1)
+        ab = torch.linalg.lstsq(D, y).solution.squeeze(-1)  # (rows, 2)
+        w = torch.stack([ab[:, 0], ab[:, 1], 1 - ab[:, 0] - ab[:, 1]], dim=0)  # (3, rows)
+    else:
+        theta = (t - ts[2]) / (ts[2] - ts[1])
+        w0 = torch.tensor([0.0, -theta, 1 + theta], dtype=torch.float64)  # Taylor-1 on the newest two
+        n = torch.linalg.svd(torch.stack([torch.ones(3, dtype=torch.float64), ts])).Vh[-1]  # null space of A
+        lag = torch.tensor([math.prod((t - ts[j]) / (ts[i] - ts[j]) for j in range(3) if j != i) for i in range(3)],
+                           dtype=torch.float64)  # Taylor-2 (Lagrange) weights
+        lam2 = float((lag - w0) @ n)  # Taylor-2 = w0 + lam2 n
+        base = torch.einsum("k,krf->rf", w0, X) - xr
+        dirn = torch.einsum("k,krf->rf", n, X)
+        lam = -(base * dirn).sum(1) / (dirn * dirn).sum(1).clamp_min(1e-30)
+        if variant == "input-time-clip":
+            lam = lam.clamp(min(0.0, lam2), max(0.0, lam2))
+        w = w0[:, None] + n[:, None] * lam[None, :]
+    return torch.einsum("kr,krf->rf", w, R).reshape(residuals[-1].shape).float()
+
+
 class BranchState:
     def __init__(self):
         self.times: list[float] = []
@@ -78,6 +130,7 @@ class StackBypass(torch.nn.Module):
         self.branches: dict[int, BranchState] = {}
         self.calls_per_step = 1
         self.group_size = 1  # rows per sample in one call (2 where both guidance branches share the call)
+        self.predictor = "pade"  # what predicts the residual (``input*``: weights fitted to the known input)
         self.row_budget = 0  # rows rules: samples computed on predicted steps, per branch, in all
         self.call = 0
         self.time = 0.0
@@ -150,7 +203,15 @@ class StackBypass(torch.nn.Module):
         times, residuals, _ = self._nodes(b)
         b.run += 1
         b.schedule += "."
-        out = hidden_states + self._extrapolate(times, residuals, t).to(hidden_states.dtype)
+        if self.predictor.startswith(("input", "pade-input")) and len(times) >= 3:
+            predicted = input_guided(times, residuals, self._nodes(b)[2], hidden_states.float(), t, self.predictor)
+        elif self.predictor == "taylor1":
+            predicted = extrapolate(times[-2:], residuals[-2:], t, method="taylor", order=1)
+        elif self.predictor == "taylor2" and len(times) >= 3:
+            predicted = extrapolate(times[-3:], residuals[-3:], t, method="taylor", order=2)
+        else:
+            predicted = self._extrapolate(times, residuals, t)
+        out = hidden_states + predicted.to(hidden_states.dtype)
         if self.rule.startswith("rows"):
             out = self._compute_rows(b, step, hidden_states, out, args, kwargs)
         return out
@@ -192,7 +253,8 @@ class StackBypass(torch.nn.Module):
         return out
 
 
-def install(pipe, rule: str, plan: str, policy: Policy, kappa: float, row_budget: int = 0) -> StackBypass:
+def install(pipe, rule: str, plan: str, policy: Policy, kappa: float, row_budget: int = 0,
+            predictor: str = "pade") -> StackBypass:
     transformer = pipe.transformer
     name = "blocks" if hasattr(transformer, "blocks") else "transformer_blocks"
     blocks = getattr(transformer, name)
@@ -200,6 +262,7 @@ def install(pipe, rule: str, plan: str, policy: Policy, kappa: float, row_budget
     bypass.calls_per_step = 2 if name == "blocks" else 1  # Wan's guidance: two calls per step
     bypass.group_size = 1 if name == "blocks" else 2  # the image pipelines batch cond and uncond rows
     bypass.row_budget = row_budget
+    bypass.predictor = predictor
 
     def read_time(module, args, kwargs):
         bypass.time = float(kwargs["timestep"].reshape(-1)[0])
@@ -253,6 +316,10 @@ def main() -> None:
     ap.add_argument("--per-sample", action="store_true",
                     help="per-sample compute: one plan computation fewer, its rows spent on the samples the input "
                          "signal (or chance) picks at predicted steps")
+    ap.add_argument("--predictors", nargs="+", default=None,
+                    help="on the plan's schedule, predict with these instead of the rules: taylor1, taylor2, "
+                         "input-time, input-time-clip, input-affine (weights fitted to the step's known input), "
+                         "pade-input, pade-input-clip (Padé corrected by the input's miss)")
     ap.add_argument("--rules", nargs="+", default=["signal", "gap", "signal-mono", "gap-mono"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "signal-schedule.jsonl")
     args = ap.parse_args()
@@ -263,7 +330,9 @@ def main() -> None:
         full = run(model, labels, latents, steps)
         plan, policy = preset_plan(model, labels, latents, steps, preset)
         rows = [("plan", 0.0, plan)]
-        if args.per_sample:
+        if args.predictors:
+            rows += [(f"plan, {name}", 0.0, plan) for name in args.predictors]
+        elif args.per_sample:
             # one computation fewer in the plan, its rows spent on the samples a rule picks at predicted steps
             fewer = Policy.preset(preset).replace(compute_budget=(plan.count("C") - 1) / steps)
             reduced, _ = preset_plan(model, labels, latents, steps, fewer)
@@ -273,8 +342,10 @@ def main() -> None:
         for rule, kappa, mask in rows:
             holder = {}
             budget = args.samples if rule.startswith("rows") else 0
-            out = run(model, labels, latents, steps,
-                      setup=lambda p: holder.setdefault("b", install(p, rule, mask, policy, kappa, budget)))
+            predictor = rule.split(", ")[1] if ", " in rule else "pade"
+            base_rule = rule.split(", ")[0]
+            out = run(model, labels, latents, steps, setup=lambda p: holder.setdefault(
+                "b", install(p, base_rule, mask, policy, kappa, budget, predictor)))
             bypass = holder["b"]
             branches = [bypass.branches[k] for k in sorted(bypass.branches)]
             schedules = [b.schedule for b in branches]
