@@ -1,7 +1,11 @@
-"""Issue 13 part 2, second half: let a free error signal move the compute, at the plan's budget.
+"""Issue 13 part 2, second half: let a free error signal move the compute, at the plan's budget
+(bench/ADAPTIVE_STUDY.md section 10).
 
     python bench/signal_schedule.py [--models mnist-dit mnist-dit-heldout mnist-wan] [--steps 20 28 50]
-                                    [--samples 16] [--kappa 0.5 1 2] [--out FILE]
+                                    [--samples 16] [--kappa 0.5 1 2] [--rules ...] [--out FILE]
+    python bench/signal_schedule.py --per-sample          # per-sample compute (``rows-*`` rules below)
+    python bench/signal_schedule.py --predictors taylor1 taylor2 input-time input-time-clip input-affine
+                                                          # the step's known input informs the prediction
 
 bench/signal_study.py found a signal that costs no model work and ranks the steps of a trajectory about as well as
 the first-block probe: the relative error of the same extrapolation applied to the block stack's *input* (the
@@ -20,7 +24,13 @@ head's output, which every step computes anyway). This harness lets it decide, o
 * ``gap κ`` / ``gap-mono κ``: the same rules on the distance from the newest node over the nodes' span (the trivial signal), to show
   what the input signal adds over the spacing the plan already encodes.
 
-Both rows predict with the same numerics (the newest ``history_size`` computed residuals, Padé [L/1], L = nodes − 2
+With ``--per-sample`` the plan loses one computation (the library's plan at budget − 1/N) and its rows go to
+single samples at predicted steps: ``rows-signal`` picks the samples with the largest input signal, ``rows-random``
+picks by chance; the picked samples run the blocks on a sub-batch and step with their true residual (the
+batch-synchronous history is not changed). With ``--predictors`` the plan's schedule is kept and the residual is
+predicted otherwise (:func:`input_guided`).
+
+Unless ``--predictors`` says otherwise every row predicts with the same numerics (the newest ``history_size`` computed residuals, Padé [L/1], L = nodes − 2
 up to the policy's order, no modulation), so the rows differ by the schedule only. The block stack is bypassed by
 replacing the transformer's block list with one module that runs the blocks or returns input + predicted
 residual; guidance branches (Wan's two calls per step) keep separate histories and decide separately. PSNR over
@@ -43,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import tcpade_fx  # noqa: E402
-from benchmark import GUIDANCE, sample_images  # noqa: E402
+from benchmark import sample_images  # noqa: E402
 from tcpade_fx import Policy, metrics, models  # noqa: E402
 from tcpade_fx.models import wan  # noqa: E402
 from tcpade_fx.pade import extrapolate  # noqa: E402
@@ -123,10 +133,10 @@ class BranchState:
 class StackBypass(torch.nn.Module):
     """Stands in for the transformer's block list: one call per transformer call, computes or predicts."""
 
-    def __init__(self, blocks, rule: str, plan: str, policy: Policy, kappa: float, wan_blocks: bool):
+    def __init__(self, blocks, rule: str, plan: str, policy: Policy, kappa: float):
         super().__init__()
         self.blocks = blocks
-        self.rule, self.plan, self.policy, self.kappa, self.wan_blocks = rule, plan, policy, kappa, wan_blocks
+        self.rule, self.plan, self.policy, self.kappa = rule, plan, policy, kappa
         self.branches: dict[int, BranchState] = {}
         self.calls_per_step = 1
         self.group_size = 1  # rows per sample in one call (2 where both guidance branches share the call)
@@ -258,7 +268,7 @@ def install(pipe, rule: str, plan: str, policy: Policy, kappa: float, row_budget
     transformer = pipe.transformer
     name = "blocks" if hasattr(transformer, "blocks") else "transformer_blocks"
     blocks = getattr(transformer, name)
-    bypass = StackBypass(blocks, rule, plan, policy, kappa, wan_blocks=name == "blocks")
+    bypass = StackBypass(blocks, rule, plan, policy, kappa)
     bypass.calls_per_step = 2 if name == "blocks" else 1  # Wan's guidance: two calls per step
     bypass.group_size = 1 if name == "blocks" else 2  # the image pipelines batch cond and uncond rows
     bypass.row_budget = row_budget
