@@ -64,7 +64,7 @@ def row_errors(actual: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(a - p, dim=1) / torch.linalg.vector_norm(a, dim=1).clamp_min(1e-30)
 
 
-def input_guided(times, residuals, inputs, x, t, variant: str, base: torch.Tensor | None = None) -> torch.Tensor:
+def input_guided(times, residuals, inputs, x, t, variant: str, prior: torch.Tensor | None = None) -> torch.Tensor:
     """Predict the residual as Σ w_i R_i over the newest three nodes with per-row weights that reproduce the step's
     own stack input x (known on a predicted step: the head ran) as well as the nodes allow: to first order
     R(x, t) ≈ R_0 + J (x − x_0) + g (t − t_0), so weights with Σ w = 1, Σ w t_i = t and Σ w x_i = x reproduce R.
@@ -119,10 +119,10 @@ def input_guided(times, residuals, inputs, x, t, variant: str, base: torch.Tenso
             miss0 = (base * base).sum(1)
             fitted = base + lam[:, None] * dirn
             share = (1 - (fitted * fitted).sum(1) / miss0.clamp_min(1e-30)).clamp(0, 1)
-            if base is None:
+            if prior is None:
                 order = min(max(len(residuals) - 2, 0), 1)
-                base = extrapolate(times, residuals, t, method="pade", order=order)
-            pade_r = base.reshape(R.shape[1:]).double()
+                prior = extrapolate(times, residuals, t, method="pade", order=order)
+            pade_r = prior.reshape(R.shape[1:]).double()
             guided = torch.einsum("kr,krf->rf", w, R)
             out = pade_r + share[:, None] * (guided - pade_r)
             return out.reshape(residuals[-1].shape).float()
@@ -251,7 +251,7 @@ class StackBypass(torch.nn.Module):
             predicted = self._modulated(b, times, residuals, t)
             if self.predictor == "pade-mod-gated" and len(times) >= 3:
                 predicted = input_guided(times, residuals, self._nodes(b)[2], hidden_states.float(), t,
-                                         "input-gated", base=predicted)
+                                         "input-gated", prior=predicted)
         elif self.predictor.startswith(("input", "pade-input")) and len(times) >= 3:
             predicted = input_guided(times, residuals, self._nodes(b)[2], hidden_states.float(), t, self.predictor)
         elif self.predictor == "taylor1":
