@@ -56,6 +56,7 @@ import tcpade_fx  # noqa: E402
 from benchmark import sample_images  # noqa: E402
 from tcpade_fx import Policy, metrics, models  # noqa: E402
 from tcpade_fx.models import wan  # noqa: E402
+from signal_study import predict  # noqa: E402
 from tcpade_fx.pade import extrapolate, fit_modulation  # noqa: E402
 
 
@@ -64,14 +65,28 @@ def row_errors(actual: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(a - p, dim=1) / torch.linalg.vector_norm(a, dim=1).clamp_min(1e-30)
 
 
-def input_guided(times, residuals, inputs, x, t, variant: str, prior: torch.Tensor | None = None) -> torch.Tensor:
+def time_family(ts: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The node weights over three nodes ``ts`` that keep Σ w = 1 and Σ w t_i = t: Taylor-1 on the newest two
+    (``w0``), the null direction ``n`` of those two conditions, and ``lam2`` with Taylor-2 (Lagrange) = w0 + lam2 n."""
+    theta = (t - ts[2]) / (ts[2] - ts[1])
+    w0 = torch.tensor([0.0, -theta, 1 + theta], dtype=torch.float64)
+    n = torch.linalg.svd(torch.stack([torch.ones(3, dtype=torch.float64), ts])).Vh[-1]
+    lag = torch.tensor([math.prod((t - ts[j]) / (ts[i] - ts[j]) for j in range(3) if j != i) for i in range(3)],
+                       dtype=torch.float64)
+    return w0, n, float((lag - w0) @ n)
+
+
+def input_guided(times, residuals, inputs, x, t, variant: str, policy: Policy,
+                 prior: torch.Tensor | None = None) -> torch.Tensor:
     """Predict the residual as Σ w_i R_i over the newest three nodes with per-row weights that reproduce the step's
     own stack input x (known on a predicted step: the head ran) as well as the nodes allow: to first order
     R(x, t) ≈ R_0 + J (x − x_0) + g (t − t_0), so weights with Σ w = 1, Σ w t_i = t and Σ w x_i = x reproduce R.
 
     ``input-time``: Σ w = 1 and Σ w t_i = t exactly (a one-parameter family containing Taylor-1 on the newest two
     nodes and Taylor-2 on all three), the parameter fitted per row to the input; ``input-time-clip``: the same,
-    the parameter kept between Taylor-1's and Taylor-2's; ``input-affine``: Σ w = 1 only, both free parameters fitted."""
+    the parameter kept between Taylor-1's and Taylor-2's; ``input-affine``: Σ w = 1 only, both free parameters fitted;
+    ``input-gated``: ``prior`` (Padé where None) moved toward input-time-clip by the share of the input the fit
+    explains; ``pade-input`` / ``-clip``: Padé corrected along the null direction by the input's own Padé miss."""
     ts = torch.tensor(times[-3:], dtype=torch.float64)
     X = torch.stack([v.reshape(v.shape[0], -1).double() for v in inputs[-3:]])  # (3, rows, F)
     R = torch.stack([v.reshape(v.shape[0], -1).double() for v in residuals[-3:]])
@@ -79,19 +94,13 @@ def input_guided(times, residuals, inputs, x, t, variant: str, prior: torch.Tens
     if variant.startswith("pade-input"):
         # Padé's prediction, corrected along the one direction of node weights that keeps Σ w and Σ w t (the null
         # direction n) by as much as the input's own Padé prediction misses the step's known input along it
-        order = min(max(len(residuals) - 2, 0), 1)
-        pade_r = extrapolate(times, residuals, t, method="pade", order=order).reshape(R.shape[1:]).double()
-        pade_x = extrapolate(times, inputs, t, method="pade", order=order).reshape(X.shape[1:]).double()
-        n = torch.linalg.svd(torch.stack([torch.ones(3, dtype=torch.float64), ts])).Vh[-1]
+        pade_r = predict(times, residuals, t, policy).reshape(R.shape[1:]).double()
+        pade_x = predict(times, inputs, t, policy).reshape(X.shape[1:]).double()
+        _, n, lam2 = time_family(ts, t)
         dirn = torch.einsum("k,krf->rf", n, X)
         lam = ((xr - pade_x) * dirn).sum(1) / (dirn * dirn).sum(1).clamp_min(1e-30)
         if variant == "pade-input-clip":
-            theta = (t - ts[2]) / (ts[2] - ts[1])
-            w0 = torch.tensor([0.0, -theta, 1 + theta], dtype=torch.float64)
-            lag = torch.tensor([math.prod((t - ts[j]) / (ts[i] - ts[j]) for j in range(3) if j != i)
-                                for i in range(3)], dtype=torch.float64)
-            bound = abs(float((lag - w0) @ n))  # the distance from Taylor-1 to Taylor-2 along n
-            lam = lam.clamp(-bound, bound)
+            lam = lam.clamp(-abs(lam2), abs(lam2))  # the distance from Taylor-1 to Taylor-2 along n
         out = pade_r + lam[:, None] * torch.einsum("k,krf->rf", n, R)
         return out.reshape(residuals[-1].shape).float()
     if variant == "input-affine":
@@ -101,12 +110,7 @@ def input_guided(times, residuals, inputs, x, t, variant: str, prior: torch.Tens
         ab = torch.linalg.lstsq(D, y).solution.squeeze(-1)  # (rows, 2)
         w = torch.stack([ab[:, 0], ab[:, 1], 1 - ab[:, 0] - ab[:, 1]], dim=0)  # (3, rows)
     else:
-        theta = (t - ts[2]) / (ts[2] - ts[1])
-        w0 = torch.tensor([0.0, -theta, 1 + theta], dtype=torch.float64)  # Taylor-1 on the newest two
-        n = torch.linalg.svd(torch.stack([torch.ones(3, dtype=torch.float64), ts])).Vh[-1]  # null space of A
-        lag = torch.tensor([math.prod((t - ts[j]) / (ts[i] - ts[j]) for j in range(3) if j != i) for i in range(3)],
-                           dtype=torch.float64)  # Taylor-2 (Lagrange) weights
-        lam2 = float((lag - w0) @ n)  # Taylor-2 = w0 + lam2 n
+        w0, n, lam2 = time_family(ts, t)
         base = torch.einsum("k,krf->rf", w0, X) - xr
         dirn = torch.einsum("k,krf->rf", n, X)
         lam = -(base * dirn).sum(1) / (dirn * dirn).sum(1).clamp_min(1e-30)
@@ -120,8 +124,7 @@ def input_guided(times, residuals, inputs, x, t, variant: str, prior: torch.Tens
             fitted = base + lam[:, None] * dirn
             share = (1 - (fitted * fitted).sum(1) / miss0.clamp_min(1e-30)).clamp(0, 1)
             if prior is None:
-                order = min(max(len(residuals) - 2, 0), 1)
-                prior = extrapolate(times, residuals, t, method="pade", order=order)
+                prior = predict(times, residuals, t, policy)
             pade_r = prior.reshape(R.shape[1:]).double()
             guided = torch.einsum("kr,krf->rf", w, R)
             out = pade_r + share[:, None] * (guided - pade_r)
@@ -170,13 +173,10 @@ class StackBypass(torch.nn.Module):
         return b.times[-k:], b.residuals[-k:], b.inputs[-k:]
 
     def _extrapolate(self, times, values, t):
-        order = min(max(len(values) - 2, 0), self.policy.order)
-        return extrapolate(times, values, t, method="pade", order=order)
+        return predict(times, values, t, self.policy)
 
     def _pade_and_taylor(self, times, residuals, t):
-        order = min(max(len(residuals) - 2, 0), self.policy.order)
-        return (extrapolate(times, residuals, t, method="pade", order=order),
-                extrapolate(times, residuals, t, method="taylor", order=order))
+        return predict(times, residuals, t, self.policy), predict(times, residuals, t, self.policy, method="taylor")
 
     def _modulated(self, b: BranchState, times, residuals, t):
         """The runtime's modulated prediction T + μ (P − T), μ per row (Policy.modulate_denominator)."""
@@ -201,8 +201,9 @@ class StackBypass(torch.nn.Module):
         n, plan = len(self.plan), self.plan
         warmup = len(plan) - len(plan.lstrip("C"))
         planned = plan[step] == "C"
-        if self.rule == "plan" or self.rule.startswith("rows") or step < warmup or step == n - 1 or len(b.times) < 2:
-            return planned, (self._signal(b, x, t) if len(b.times) >= 2 and self.rule != "plan" else None)
+        steers = self.rule.startswith(("signal", "gap"))
+        if not steers or step < warmup or step == n - 1 or len(b.times) < 2:
+            return planned, (self._signal(b, x, t) if steers and len(b.times) >= 2 else None)
         s = self._signal(b, x, t)
         budget_left = plan.count("C") - b.computed - 1  # the last step is reserved
         remaining = n - 1 - step
@@ -231,12 +232,12 @@ class StackBypass(torch.nn.Module):
             out = hidden_states
             for block in self.blocks:
                 out = block(out, *args, **kwargs)
+            residual = (out - hidden_states).detach().float()
             if self.predictor.startswith("pade-mod") and len(b.times) >= 2:
-                self._fit_modulation(b, (out - hidden_states).detach().float(), t)
-            b.times.append(t)
-            b.residuals.append((out - hidden_states).detach().float())
-            b.inputs.append(hidden_states.detach().float())
-            b.times, b.residuals, b.inputs = b.times[-4:], b.residuals[-4:], b.inputs[-4:]
+                self._fit_modulation(b, residual, t)
+            k = self.policy.history_size
+            b.times, b.residuals = (b.times + [t])[-k:], (b.residuals + [residual])[-k:]
+            b.inputs = (b.inputs + [hidden_states.detach().float()])[-k:]
             b.computed += 1
             b.last_gap = b.run + 1
             b.run = 0
@@ -251,9 +252,10 @@ class StackBypass(torch.nn.Module):
             predicted = self._modulated(b, times, residuals, t)
             if self.predictor == "pade-mod-gated" and len(times) >= 3:
                 predicted = input_guided(times, residuals, self._nodes(b)[2], hidden_states.float(), t,
-                                         "input-gated", prior=predicted)
+                                         "input-gated", self.policy, prior=predicted)
         elif self.predictor.startswith(("input", "pade-input")) and len(times) >= 3:
-            predicted = input_guided(times, residuals, self._nodes(b)[2], hidden_states.float(), t, self.predictor)
+            predicted = input_guided(times, residuals, self._nodes(b)[2], hidden_states.float(), t, self.predictor,
+                                     self.policy)
         elif self.predictor == "taylor1":
             predicted = extrapolate(times[-2:], residuals[-2:], t, method="taylor", order=1)
         elif self.predictor == "taylor2" and len(times) >= 3:
