@@ -34,6 +34,7 @@ on one process.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import numpy as np
@@ -400,6 +401,100 @@ def extrapolate_stacked(
     if out is not None:
         return out if pred.data_ptr() == out.data_ptr() else out.copy_(pred.reshape(like.shape))
     return pred.reshape(like.shape).to(out_dtype)
+
+
+#: The input gate's terms, in the order of its buffer (:func:`input_gate_terms`, :func:`input_gated_residual`).
+GATE_TERMS = ("guided", "guided_direction", "input_fit", "input_direction")
+#: Nodes the input gate fits over (the newest ones of the history).
+GATE_NODES = 3
+
+
+@functools.lru_cache(maxsize=256)
+def input_gate_weights(times: tuple[float, float, float], target: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Node weights of the input gate on three nodes ``times`` (oldest first) and the target ``t*``, on the host in
+    float64: ``base`` = Taylor-1 on the newest two, and ``direction`` = Taylor-2 (Lagrange on all three) − Taylor-1.
+
+    Every ``base + λ·direction`` keeps ``Σ w = 1`` and ``Σ w·t_i = t*``; λ = 0 is Taylor-1, λ = 1 Taylor-2. Nodes
+    closer than :data:`NODE_TOLERANCE` of their span give ``direction = 0`` (the gate then keeps the prior)."""
+    t0, t1, t2 = (float(t) for t in times)
+    t = float(target)
+    span = max(abs(t2 - t0), abs(t - t0), _TINY)
+    if min(abs(t1 - t0), abs(t2 - t1)) <= NODE_TOLERANCE * span:
+        return (0.0, 0.0, 1.0), (0.0, 0.0, 0.0)
+    theta = (t - t2) / (t2 - t1)
+    base = (0.0, -theta, 1.0 + theta)
+    ts = (t0, t1, t2)
+    lagrange = [math.prod((t - ts[j]) / (ts[i] - ts[j]) for j in range(3) if j != i) for i in range(3)]
+    return base, tuple(lagrange[i] - base[i] for i in range(3))
+
+
+def input_gate_terms(
+    times: Sequence[float], residuals: Tensor, inputs: Tensor, target: float, *, prior: Tensor,
+    slots: Sequence[int] | None = None, out: Tensor | None = None,
+) -> Tensor:
+    """What :func:`input_gated_residual` needs from the history, as one ``(4, rows, F)`` float32 tensor (order
+    :data:`GATE_TERMS`): the base weights' residual ``Σ b_i R_i`` and input ``Σ b_i x_i`` and the direction's
+    ``Σ d_i R_i`` and ``Σ d_i x_i`` (:func:`input_gate_weights`) over the newest :data:`GATE_NODES` points.
+
+    ``residuals``/``inputs``: the computed residuals and block-stack inputs, ``(K, rows, F)`` rings read through
+    ``slots`` (oldest first) as in :func:`extrapolate_stacked`. With fewer than three points the terms are
+    neutral (direction zero, guided = ``prior``): the gated residual is then ``prior`` itself. ``out``: a static
+    buffer to write into."""
+    n_have = residuals.shape[0] if slots is None else len(slots)
+    if len(times) != n_have:
+        raise ValueError(f"got {len(times)} times for {n_have} stacked residuals")
+    picked = list(range(n_have)) if slots is None else list(slots)
+    rows, width = residuals.shape[1], residuals.shape[2]
+    if out is None:
+        out = torch.empty(4, rows, width, dtype=torch.float32, device=residuals.device)
+    if n_have < GATE_NODES:
+        out[0].copy_(prior.reshape(rows, width))
+        out[1:].zero_()
+        return out
+    base, direction = input_gate_weights(tuple(float(t) for t in list(times)[-GATE_NODES:]), float(target))
+    nodes = picked[-GATE_NODES:]
+    for k, (ring, weights) in enumerate(((residuals, base), (residuals, direction),
+                                         (inputs, base), (inputs, direction))):
+        acc = out[k].copy_(ring[nodes[0]]).mul_(weights[0])
+        for node, w in zip(nodes[1:], weights[1:]):
+            acc.add_(ring[node].float(), alpha=w)
+    return out
+
+
+def input_gated_residual(prior: Tensor, gate: Tensor, stack_input: Tensor, *, per_sample: bool = True) -> Tensor:
+    """The residual predicted for a step whose block-stack input ``x`` is known (the head ran): ``prior`` (the
+    extrapolated residual) moved toward ``Σ w_i R_i``, with node weights ``w = base + λ·direction`` that reproduce
+    ``x`` from the history's inputs as well as the one free parameter allows (λ ∈ [0, 1]: between Taylor-1 and
+    Taylor-2), as far as that fit explains the input:
+
+        λ = clamp(−⟨B − x, D⟩ / ⟨D, D⟩, 0, 1)                  B = Σ b_i x_i, D = Σ d_i x_i (``gate``)
+        share = clamp(1 − ‖B − x + λD‖² / ‖B − x‖², 0, 1)      how much of Taylor-1's miss of x the fit removes
+        R̂ = prior + share · (Σ b_i R_i + λ Σ d_i R_i − prior)
+
+    Why: to first order ``R(x, t) ≈ R_0 + J (x − x_0) + g (t − t_0)``, so weights with ``Σ w = 1``,
+    ``Σ w t_i = t`` and ``Σ w x_i = x`` reproduce ``R`` whatever the Jacobian ``J``; the share keeps the prior where
+    the history cannot reproduce ``x`` (and the argument does not hold). One λ and share per batch element with
+    ``per_sample`` (else one for the tensor). Tensor ops only (it runs inside the predict graph); finite terms give
+    a finite result (the inner products are taken on data scaled by its largest magnitude; a degenerate fit gives
+    share 0, i.e. ``prior``). Measured: bench/ADAPTIVE_STUDY.md section 10 (``pade-mod-gated``)."""
+    rows = prior.shape[0] if per_sample else 1
+    p = prior.reshape(rows, -1).float()
+    terms = gate.reshape(4, rows, -1)
+    guided, guided_direction, input_fit, input_direction = terms.unbind(0)
+    miss = input_fit - stack_input.reshape(rows, -1).float()
+    scale = torch.maximum(miss.abs().amax(1, keepdim=True), input_direction.abs().amax(1, keepdim=True))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    m, d = miss / scale, input_direction / scale
+    dd = (d * d).sum(1, keepdim=True)
+    lam = -(m * d).sum(1, keepdim=True) / torch.where(dd > 0, dd, torch.ones_like(dd))
+    lam = torch.nan_to_num(lam, nan=0.0, posinf=0.0, neginf=0.0).clamp(0.0, 1.0)
+    fitted = m + lam * d
+    mm = (m * m).sum(1, keepdim=True)
+    share = 1.0 - (fitted * fitted).sum(1, keepdim=True) / torch.where(mm > 0, mm, torch.ones_like(mm))
+    share = torch.where(mm > 0, share, torch.ones_like(share))  # x is Taylor-1's exactly: so is the residual
+    share = torch.nan_to_num(share, nan=0.0, posinf=0.0, neginf=0.0).clamp(0.0, 1.0)
+    out = p + share * (guided + lam * guided_direction - p)
+    return out.reshape(prior.shape)
 
 
 def _require_finite_history(residuals: Sequence[Tensor]) -> None:

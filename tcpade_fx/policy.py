@@ -56,6 +56,12 @@ class Policy:
             ``T`` its b = 0 polynomial extrapolant on the same nodes) to the residual just computed, and predict
             with it until the next computed step (only for ``method="pade"``). Measured (bench/MODULATION_STUDY.md):
             +0.27 dB mean over plain Padé in 18 cells of both bundled models, better in 13, worse in 3.
+        input_gate: on a predicted step the block stack's input x is known (the head ran): move the prediction
+            toward the node weights that reproduce x from the inputs at the computed steps, as far as that fit
+            explains x (:func:`~tcpade_fx.pade.input_gated_residual`). The history then keeps the stack inputs too
+            (twice its memory) and the graphs carry them (the compute graph returns x, the predict graph takes
+            the gate's terms). Needs ``granularity="stack"`` and ``history_size >= 3``; not exportable yet and not
+            with context parallelism (both refused, saying so). Measured in bench/ADAPTIVE_STUDY.md section 10.
         modulation_smoothing: weight of the newest μ in its running value (1: the newest alone; 0.5 measured better
             on average, bench/modulation_variants.py).
         lambda_min: lower bound of the damping λ applied when the a-posteriori error rises.
@@ -107,6 +113,7 @@ class Policy:
     history_dtype: HistoryDtype = "float32"
     modulate_denominator: bool = True
     modulation_smoothing: float = 0.5
+    input_gate: bool = False
     lambda_min: float = 0.5
     rise_factor: float = 2.0
     error_smoothing: float = 0.5
@@ -191,6 +198,12 @@ class Policy:
                     f"{max(self.order, self.late_order)} (it needs {need}): raise history_size to {need} or lower "
                     "the order"
                 )
+        if not isinstance(self.input_gate, bool):
+            problems.append(f"input_gate={self.input_gate!r} must be True or False")
+        elif self.input_gate and self.granularity != "stack":
+            problems.append("input_gate=True needs granularity='stack' (the gate fits the block stack's input)")
+        elif self.input_gate and self.history_size < 3:
+            problems.append(f"input_gate=True fits over 3 computed steps: raise history_size={self.history_size} to 3")
         if not problems and self.early_end > self.late_start:
             problems.append(f"early_end={self.early_end} must not exceed late_start={self.late_start}")
         if self.schedule == "explicit" and (not isinstance(self.mask, str) or set(self.mask) - {"C", "."}):

@@ -18,7 +18,8 @@ signature (tensor shapes, dtypes, devices and the non-tensor arguments) it build
 3. computes (and checks what it would have predicted, feeding the a-posteriori error back; with
    ``Policy.modulate_denominator`` it also refits the modulation μ between Padé and its b = 0 polynomial,
    :func:`~tcpade_fx.pade.fit_modulation`) or predicts the residual with
-   :func:`~tcpade_fx.pade.extrapolate_stacked` and runs the predict graph.
+   :func:`~tcpade_fx.pade.extrapolate_stacked` and runs the predict graph (with ``Policy.input_gate`` the graph
+   moves it toward what the step's own stack input says, :func:`~tcpade_fx.pade.input_gated_residual`).
 
 The compute/predict decision stays in Python, outside every graph, so each graph compiles once. The first call
 of a signature is served by the verified compute graph's own outputs (one reference forward, one compute graph).
@@ -49,9 +50,9 @@ from .backends import get_backend
 from .backends.registry import dtype_name
 from .controller import StepController
 from .distributed import DivergedDecisionError, ParallelContext, UnsupportedParallelismError, parallel_context
-from .pade import (LOCAL, StatPack, StatReducer, denominator_partials, extrapolate_stacked, modulation_from,
-                   modulation_partials, nonfinite_partial, relative_error_from, relative_error_partials,
-                   replace_nonfinite_)
+from .pade import (LOCAL, StatPack, StatReducer, denominator_partials, extrapolate_stacked, input_gate_terms,
+                   input_gated_residual, modulation_from, modulation_partials, nonfinite_partial, relative_error_from,
+                   relative_error_partials, replace_nonfinite_)
 from .model_state import ModelFingerprint, model_fingerprint
 from .passes import (BlockStackPlan, ShapePlan, VerificationError, bind_call, build_graphs, check_rewrite, flatten_call,
                      time_argument)
@@ -148,8 +149,8 @@ class GraphSet:
     """The callables the runtime steps with for one input signature (from the backend, or an export's files)."""
 
     plan: BlockStackPlan
-    compute: Callable  # compute(*leaves) -> (*outputs, residual)
-    predict: Callable  # predict(*leaves, residual) -> outputs
+    compute: Callable  # compute(*leaves) -> (*outputs, residual[, stack_input with Policy.input_gate])
+    predict: Callable  # predict(*leaves, residual[, gate with Policy.input_gate]) -> outputs
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     timestep_position: int
@@ -172,7 +173,8 @@ class Branch:
     oldest slot): :attr:`slots` lists the slots in use, oldest first, and
     :func:`~tcpade_fx.pade.extrapolate_stacked` reads the ring through them. The predicted residual is written into
     :attr:`prediction`, also allocated once per shape. So the extrapolation and the predict graph see the same
-    tensor storage every step (what CUDA graphs need)."""
+    tensor storage every step (what CUDA graphs need). With ``Policy.input_gate`` the block stack's inputs at the
+    same steps live in :attr:`inputs` (same layout and slots) and the gate's terms in :attr:`gate`."""
 
     controller: StepController
     index: int  # order of first appearance in the trajectory
@@ -182,6 +184,8 @@ class Branch:
     ring: torch.Tensor | None = None  # (K, B, F), preallocated; slots not in ``slots`` hold stale values
     slots: list[int] = field(default_factory=list)  # the ring's slots in use, oldest first
     prediction: torch.Tensor | None = None  # the predicted residual's static buffer (shape and dtype of a residual)
+    inputs: torch.Tensor | None = None  # Policy.input_gate: the stack inputs' ring, (K, B, F) like ``ring``
+    gate: torch.Tensor | None = None  # Policy.input_gate: the gate terms' static buffer, (4, B, F) float32
     shape: tuple[int, ...] | None = None  # the residual's shape
     modulation: torch.Tensor | float = 1.0  # μ of Policy.modulate_denominator, one per batch element
     modulation_mean: float = 1.0  # its batch mean, for the stats (read once per fit, not once per predicted step)
@@ -207,13 +211,22 @@ class Branch:
     def newest(self) -> torch.Tensor:
         return self.ring[self.slots[-1]].reshape(self.shape)
 
-    def push(self, time: float, residual: torch.Tensor, keep: int) -> None:
+    @property
+    def stacked_inputs(self) -> torch.Tensor | None:
+        """The stack inputs at the history's steps (``Policy.input_gate``), oldest first, as :attr:`stacked`."""
+        return self.inputs[self.slots] if self.slots and self.inputs is not None else None
+
+    def push(self, time: float, residual: torch.Tensor, keep: int, stack_input: torch.Tensor | None = None) -> None:
         rows = residual.shape[0] if self.per_sample and residual.dim() > 0 else 1
         dtype = self.history_dtype or residual.dtype
         if (self.ring is None or tuple(residual.shape) != self.shape or self.ring.shape[0] != keep
-                or self.ring.dtype != dtype or self.ring.device != residual.device or self.ring.shape[1] != rows):
+                or self.ring.dtype != dtype or self.ring.device != residual.device or self.ring.shape[1] != rows
+                or (stack_input is not None) != (self.inputs is not None)):
             self.ring = torch.zeros(keep, rows, residual.numel() // rows, dtype=dtype, device=residual.device)
             self.prediction = torch.empty_like(residual)
+            self.inputs = torch.zeros_like(self.ring) if stack_input is not None else None
+            self.gate = (torch.empty(4, rows, residual.numel() // rows, dtype=torch.float32, device=residual.device)
+                         if stack_input is not None else None)
             self.slots = []
             self.times = []
         if len(self.slots) < keep:
@@ -221,6 +234,8 @@ class Branch:
         else:
             slot = self.slots.pop(0)
         self.ring[slot].copy_(residual.reshape(rows, -1))
+        if stack_input is not None:
+            self.inputs[slot].copy_(stack_input.reshape(rows, -1))
         self.slots.append(slot)
         self.times = self.times[-(keep - 1):] + [time] if keep > 1 else [time]
         self.shape = tuple(residual.shape)
@@ -341,6 +356,9 @@ class TCPadeRuntime:
         process's graph holds its own chunk and the collectives)."""
         if not isinstance(max_graph_sets, int) or max_graph_sets < 1:
             raise ValueError(f"max_graph_sets must be an int >= 1, got {max_graph_sets!r}")
+        if graph_source is not None and policy.input_gate:
+            raise ValueError("policy input_gate=True needs graphs that carry the block stack's input; exported graphs "
+                             "do not: run them with policy.replace(input_gate=False)")
         self.module = module
         self.policy = policy
         self.backend = get_backend(backend).require() if graph_source is None else None
@@ -502,9 +520,20 @@ class TCPadeRuntime:
         if self.graph_source is not None:
             return self.graph_source(kwargs)
         modules = self.policy.granularity == "modules"
+        gated = self.policy.input_gate
         graphs = build_graphs(self.module, kwargs, forward=forward, block_prefixes=self.block_prefixes,
                               verify=self.verify, granularity=self.policy.granularity,
-                              dynamic=self.dynamic_shapes and self._parallel is None and not modules)
+                              dynamic=self.dynamic_shapes and self._parallel is None and not modules,
+                              input_gate=gated, per_sample=self.policy.per_sample)
+        if gated:  # standing: every trajectory's stats say what the history holds
+            p = self.policy
+            size = 2 * p.history_size * graphs.residual.numel() * (p.history_torch_dtype or torch.float32).itemsize \
+                if graphs.residual is not None else None
+            note = ("input_gate: the history keeps the block stack's inputs beside its residuals (twice the memory"
+                    + (f": {_size(size)} per guidance branch at batch {graphs.residual.shape[0]})" if size else ")"))
+            self.standing_notes = [n for n in self.standing_notes if not n.startswith("input_gate:")]
+            self.standing_notes.append(note)
+            self._stats.notes.append(note)
         if graphs.units is not None:  # standing: every trajectory's stats say what the history holds
             units, p = graphs.units, self.policy
             dtype = p.history_torch_dtype or torch.float32  # "model": the units' own dtype, float32
@@ -531,7 +560,8 @@ class TCPadeRuntime:
             in_spec=graphs.in_spec,
             out_spec=graphs.out_spec,
             timestep_position=graphs.timestep_position,
-            first_outputs=(*graphs.outputs, graphs.residual) if graphs.outputs is not None else None,
+            first_outputs=((*graphs.outputs, graphs.residual, *([graphs.stack_input] if gated else []))
+                           if graphs.outputs is not None else None),
             shapes=graphs.shapes if graphs.shapes is not None and graphs.shapes.dims else None,
             example=[leaf_layout(x) for x in graphs.leaves],
             capture_route=graphs.capture_route,
@@ -598,6 +628,11 @@ class TCPadeRuntime:
                 "parallelism enabled: the exported graphs hold the whole sequence and no collectives, so they cannot "
                 "run one process's chunk. Run exported graphs one request per process (data parallelism), or use "
                 "tcpade_fx.compile(pipe) with context parallelism.")
+        if parallel is not None and self.policy.input_gate:
+            raise UnsupportedParallelismError(
+                f"{type(self.module).__name__} has context parallelism enabled and the policy has input_gate=True: "
+                "the gate's fit would see one process's chunk of the tokens only (each would predict differently). "
+                "Use policy.replace(input_gate=False) with context parallelism.")
         key = parallel.key if parallel is not None else None
         if key != (self._parallel.key if self._parallel is not None else None):
             self._stats.notes.append(self._parallel_note(parallel))
@@ -620,7 +655,8 @@ class TCPadeRuntime:
         try:
             reference = eager_outputs(self.module, kwargs, forward)
             with torch.no_grad():
-                checked = check_rewrite(reference, graphs.compute, graphs.predict, leaves, graphs.plan, exact=False)
+                checked = check_rewrite(reference, graphs.compute, graphs.predict, leaves, graphs.plan, exact=False,
+                                        input_gate=self.policy.input_gate)
         except VerificationError as exc:
             self._stats.notes.append(f"the dynamic-shape graphs do not reproduce a new input shape ({exc}): "
                                     "captured for it instead")
@@ -629,7 +665,8 @@ class TCPadeRuntime:
             self._stats.notes.append(f"dynamic-shape graphs at a new input shape differ from the eager forward by "
                                     f"{checked.compute_difference:.1e} (relative), within the verification tolerance")
         graphs.verified.add(signature)
-        graphs.first_outputs = (*checked.outputs, checked.residual)
+        graphs.first_outputs = (*checked.outputs, checked.residual,
+                                *([checked.stack_input] if self.policy.input_gate else []))
         return True
 
     def _count_compile(self, name: str) -> None:
@@ -849,18 +886,30 @@ class TCPadeRuntime:
             # residual's (always finite), reported at the next read
             rows = replace_nonfinite_(residual, branch.newest, per_sample=p.per_sample)
             self._pending_fallbacks.append(_PendingFallback(step, branch.index, len(self._stats.records), rows))
-            out = graphs.predict(*leaves, residual)
+            if p.input_gate:
+                gate = input_gate_terms(branch.times, branch.ring, branch.inputs, time, prior=residual,
+                                        slots=branch.slots, out=branch.gate)
+                out = graphs.predict(*leaves, residual, gate.view(4, *residual.shape))
+            else:
+                out = graphs.predict(*leaves, residual)
             branch.controller.record_predict()
             self._record(**record, modulation=branch.modulation_mean if self._modulates else None)
             return out
         *out, residual = first if first is not None else graphs.compute(*leaves)
+        stack_input = None
+        if p.input_gate:
+            *out, residual, stack_input = (*out, residual)
         # collective 2 of a computed step: the residual's finiteness (as the history stores it) and the a-posteriori
         # check's statistics; then the call's one host read, with what earlier calls left pending (this process's
         # own: which rows of its share of a prediction were replaced, the model's times)
         pack = StatPack()
         stored = residual if branch.history_dtype in (None, residual.dtype) else residual.to(branch.history_dtype)
-        finite_at = pack.add("sum", nonfinite_partial(stored))
-        check = self._check_partials(branch, residual, time, order, fit, pack) if branch.has_history else None
+        finite = nonfinite_partial(stored)
+        if stack_input is not None:
+            finite = finite + nonfinite_partial(stack_input)
+        finite_at = pack.add("sum", finite)
+        check = (self._check_partials(branch, residual, time, order, fit, pack, stack_input)
+                 if branch.has_history else None)
         fallbacks, self._pending_fallbacks = self._pending_fallbacks, []
         times, self._pending_times = self._pending_times, []
         reduced = pack.reduce(self._reducer)
@@ -881,7 +930,8 @@ class TCPadeRuntime:
             check = None
             time = record["time"] = self._received.get(step, time)
         if nonfinite:
-            self._stats.notes.append(f"step {step}: block-stack residual not finite, history cleared")
+            self._stats.notes.append(f"step {step}: block-stack residual"
+                                     + (" or input" if stack_input is not None else "") + " not finite, history cleared")
             branch.clear_history()
             self._record(**record, computed=True)
             return out
@@ -898,7 +948,7 @@ class TCPadeRuntime:
         if check_error is not None:
             branch.check_errors = branch.check_errors[-4:] + [check_error]
         branch.controller.record_compute(step, time, check_error, velocity)
-        branch.push(time, residual, p.history_size)
+        branch.push(time, residual, p.history_size, stack_input)
         self._record(**record, check_error=check_error, computed=True)
         return out
 
@@ -958,10 +1008,12 @@ class TCPadeRuntime:
         return self.policy.method == "pade" and self.policy.modulate_denominator
 
     def _check_partials(self, branch: Branch, residual: torch.Tensor, time: float, order: int, fit,
-                        pack: StatPack) -> dict:
+                        pack: StatPack, stack_input: torch.Tensor | None = None) -> dict:
         """What the branch would have predicted at this computed step, as this process's shares of the statistics
         the check needs, added to ``pack``: the prediction's relative error, the residual's velocity and, with
-        ``modulate_denominator``, the fit of the modulation μ to this residual for the predictions that follow."""
+        ``modulate_denominator``, the fit of the modulation μ to this residual for the predictions that follow.
+        With ``input_gate`` the prediction checked is the gated one (given this step's ``stack_input``); μ is fitted
+        to the prior, which is what it modulates."""
         p = self.policy
         kw = dict(like=branch.newest, order=order, eps=p.eps, pole_margin=p.pole_margin, fit=fit, slots=branch.slots)
         found = {}
@@ -980,6 +1032,10 @@ class TCPadeRuntime:
             found["mu"], found["count"] = mu, count
             found["modulation"] = pack.add("scaled", partials), pack.add(
                 "sum", torch.full((1,), float(count), device=residual.device))
+        if stack_input is not None:
+            terms = input_gate_terms(branch.times, branch.ring, branch.inputs, time, prior=predicted,
+                                     slots=branch.slots)
+            predicted = input_gated_residual(predicted, terms, stack_input, per_sample=p.per_sample).to(predicted.dtype)
         found["error"] = pack.add("norm", relative_error_partials(residual, predicted, per_sample=p.per_sample))
         found["velocity"] = pack.add("norm", relative_error_partials(residual, branch.newest, per_sample=False))
         return found

@@ -153,9 +153,16 @@ def read_manifest(out_dir: Path) -> dict:
     return manifest
 
 
-def require_stack_granularity(policy: Policy) -> Policy:
-    """Exported graphs forecast the block stack's residual; a policy asking for another granularity is refused
-    (the graphs would not be what it describes)."""
+def require_exportable_policy(policy: Policy) -> Policy:
+    """Exported graphs forecast the block stack's residual from its history alone; a policy asking for another
+    granularity, or for the input gate (whose graphs carry the stack input), is refused (the graphs would not be
+    what it describes)."""
+    if policy.input_gate:
+        raise ValueError(
+            f"policy {policy.name!r} has input_gate=True; exported graphs (ONNX, TensorRT) do not carry the block "
+            "stack's input the gate fits yet. Export with policy.replace(input_gate=False), or run the input gate "
+            "with tcpade_fx.compile(pipe, ...) (eager or inductor backends)"
+        )
     if policy.granularity != "stack":
         raise ValueError(
             f"policy {policy.name!r} has granularity={policy.granularity!r}; exported graphs (ONNX, TensorRT) have "
@@ -169,7 +176,7 @@ def resolve_load_policy(manifest: dict, policy, allow_policy_change: bool) -> Po
     exported = _policy_from_fields(manifest.get("policy"))
     if policy is None:
         return exported
-    wanted = require_stack_granularity(resolve_policy(policy))
+    wanted = require_exportable_policy(resolve_policy(policy))
     diff = policy_difference(exported, wanted)
     if diff and not allow_policy_change:
         raise ManifestMismatchError(

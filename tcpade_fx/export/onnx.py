@@ -48,7 +48,7 @@ from ..passes.dynamic import BATCH, probe_size, resize_dims
 from .capture import ExportCapture, capture_for_export
 from .checks import graph_errors, reference_outputs
 from .hashing import file_sha256, weights_sha256
-from .manifest import base_manifest, require_stack_granularity, write_manifest
+from .manifest import base_manifest, require_exportable_policy, write_manifest
 
 RESIDUAL = "tcpade_residual"
 
@@ -151,7 +151,7 @@ def to_onnx(
 
     Returns the folder. Load it with :func:`tcpade_fx.export.load`.
     """
-    policy = require_stack_granularity(resolve_policy(policy))
+    policy = require_exportable_policy(resolve_policy(policy))
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     cap = capture_for_export(target, example_call, dynamic_batch=dynamic_batch, dynamic_tokens=dynamic_tokens,

@@ -45,7 +45,7 @@ from ..policy import Policy, resolve_policy
 from .capture import ExportCapture, capture_for_export
 from .checks import graph_errors, reference_outputs
 from .hashing import file_sha256, weights_sha256
-from .manifest import base_manifest, require_stack_granularity, write_manifest
+from .manifest import base_manifest, require_exportable_policy, write_manifest
 
 RESIDUAL = "tcpade_residual"
 __all__ = ["TensorRTUnavailableError", "prepare_tensorrt_export", "require_tensorrt", "to_tensorrt"]
@@ -129,7 +129,7 @@ def to_tensorrt(
     ``enabled_precisions={torch.float16}``, ``workspace_size``). ``max_batch`` defaults to twice the example
     batch. Engines are specific to the GPU model and TensorRT version; the manifest records both.
     """
-    policy = require_stack_granularity(resolve_policy(policy))
+    policy = require_exportable_policy(resolve_policy(policy))
     torch_tensorrt = require_tensorrt()
     import tensorrt as trt
 

@@ -49,6 +49,8 @@ class Graphs:
     notes: list[str] = field(default_factory=list)  # the capture's and the verification's, for the stats
     verification: dict = field(default_factory=dict)
     units: UnitPlan | None = None  # granularity="modules": what the residual holds
+    input_gate: bool = False  # Policy.input_gate graphs: compute also returns the stack input, predict takes the gate
+    stack_input: torch.Tensor | None = None  # input_gate: the verified compute graph's stack input
 
     @property
     def leaf_names(self) -> list[str]:
@@ -84,6 +86,8 @@ def build_graphs(
     block_prefixes: tuple[str, ...] | None = None,
     verify: bool = True,
     granularity: str = "stack",
+    input_gate: bool = False,
+    per_sample: bool = True,
 ) -> Graphs:
     """Capture ``module(**kwargs)`` (through ``forward``, default the class's own), locate its block stack,
     build the compute and predict graphs and, with ``verify``, check them against one run of ``forward``.
@@ -94,6 +98,10 @@ def build_graphs(
     ``granularity``: ``"stack"`` (the residual is the block stack's) or ``"modules"`` (the outputs of every
     block's attention and feed-forward modules, :mod:`tcpade_fx.passes.units`; static shapes only, so
     ``dynamic`` must be False).
+
+    ``input_gate`` (``Policy.input_gate``, stack granularity only): the compute graph also returns the block
+    stack's input and the predict graph takes the gate's terms (:mod:`tcpade_fx.passes.rewrite`), with one gate
+    per batch element where ``per_sample``.
 
     Raises:
         TypeError: the call has no tensor ``timestep`` (steps are identified by the model time).
@@ -109,6 +117,8 @@ def build_graphs(
         )
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}")
+    if input_gate and granularity != "stack":
+        raise ValueError("input_gate=True needs granularity='stack' (the gate fits the block stack's input)")
     if granularity == "modules" and dynamic:
         raise ValueError("granularity='modules' needs static shapes (dynamic=False): the forecast module outputs "
                          "are laid out with constant sizes; use granularity='stack' for dynamic-shape graphs")
@@ -124,25 +134,26 @@ def build_graphs(
     gm, leaves = captured.graph_module, captured.example_leaves
     units = locate_forecast_units(gm, plan) if granularity == "modules" else None
     if units is None:
-        compute, predict = build_compute_graph(gm, plan), build_predict_graph(gm, plan)
+        compute = build_compute_graph(gm, plan, stack_input=input_gate)
+        predict = build_predict_graph(gm, plan, input_gate=input_gate, per_sample=per_sample)
     else:
         compute, predict = build_units_compute_graph(gm, units), build_units_predict_graph(gm, units)
     graphs = Graphs(
         plan=plan, compute=compute, predict=predict, in_spec=captured.in_spec, out_spec=captured.out_spec,
         leaves=list(leaves), timestep_position=leaf_index(kwargs, time_name, captured.in_spec),
         outputs=None, residual=None, shapes=shapes, capture_route=captured.route,
-        notes=[*captured.notes, *(shapes.notes if shapes else [])], units=units,
+        notes=[*captured.notes, *(shapes.notes if shapes else [])], units=units, input_gate=input_gate,
     )
     if verify:
         _, call_kwargs = pytree.tree_unflatten(list(leaves), captured.in_spec)
         reference = eager_outputs(module, call_kwargs, forward)
-        checked = check_rewrite(reference, compute, predict, leaves, plan, exact=False)
+        checked = check_rewrite(reference, compute, predict, leaves, plan, exact=False, input_gate=input_gate)
         if checked.compute_difference:
             graphs.notes.append(
                 f"the captured graph differs from the eager forward by {checked.compute_difference:.1e} (relative; "
                 "torch.export's numerics), within the verification tolerance"
             )
-        graphs.outputs, graphs.residual = checked.outputs, checked.residual
+        graphs.outputs, graphs.residual, graphs.stack_input = checked.outputs, checked.residual, checked.stack_input
         graphs.verification = {"compute": checked.compute_difference,
                                "predict_true_residual": checked.predict_difference}
     return graphs
@@ -152,7 +163,7 @@ def example_residual(graphs: Graphs) -> torch.Tensor:
     """The block-stack residual on the example leaves (the verified one, else one run of the compute graph)."""
     if graphs.residual is None:
         with torch.no_grad():
-            graphs.residual = graphs.compute(*graphs.leaves)[-1]
+            graphs.residual = graphs.compute(*graphs.leaves)[-2 if graphs.input_gate else -1]
     return graphs.residual
 
 

@@ -71,6 +71,15 @@ class Verification:
     residual: torch.Tensor
     compute_difference: float  # relative; 0.0 when bit for bit
     predict_difference: float  # relative, predict given the true residual
+    stack_input: torch.Tensor | None = None  # input_gate graphs: the block stack's input (float32)
+
+
+def neutral_gate(residual: torch.Tensor) -> torch.Tensor:
+    """Input-gate terms under which the gated predict graph steps with ``residual`` itself (no direction, guided =
+    residual): what the verification feeds it."""
+    gate = torch.zeros(4, *residual.shape, dtype=torch.float32, device=residual.device)
+    gate[0].copy_(residual)
+    return gate
 
 
 def check_rewrite(
@@ -82,10 +91,13 @@ def check_rewrite(
     *,
     exact: bool = True,
     tolerance: float | None = None,
+    input_gate: bool = False,
 ) -> Verification:
     """``compute`` must reproduce ``reference`` (the transformer's tensor outputs on ``leaves``) bit for bit, or,
     with ``exact=False``, within ``tolerance``; ``predict`` fed the true residual must match it within
-    ``tolerance`` (default 1e-4 relative for float32, 2e-2 otherwise). Raises :class:`VerificationError`."""
+    ``tolerance`` (default 1e-4 relative for float32, 2e-2 otherwise). ``input_gate``: the graphs of
+    ``Policy.input_gate`` (compute also returns the stack input; predict is fed :func:`neutral_gate` too).
+    Raises :class:`VerificationError`."""
     shapes = {name: tuple(node.meta["val"].shape) for name, node in _named_values(compute, plan)}
     if len(shapes) == 2 and shapes[plan.body_input] != shapes[plan.body_output]:
         raise VerificationError(
@@ -102,6 +114,9 @@ def check_rewrite(
         tolerance = 1e-4 if ref[0].dtype == torch.float32 else 2e-2
     with torch.no_grad():
         *outputs, residual = _run("the compute graph", compute, leaves, plan)
+        stack_input = None
+        if input_gate:
+            *outputs, residual, stack_input = (*outputs, residual)
         outs = _tensors(outputs)
         if len(outs) != len(ref):
             raise VerificationError(f"the compute graph returns {len(outs)} tensors, the original {len(ref)}")
@@ -114,7 +129,8 @@ def check_rewrite(
             )
         if not torch.isfinite(residual).all():
             raise VerificationError("the block-stack residual is not finite on the captured inputs")
-        pred = _tensors(_run("the predict graph", predict, (*leaves, residual), plan))
+        extra = (residual, neutral_gate(residual)) if input_gate else (residual,)
+        pred = _tensors(_run("the predict graph", predict, (*leaves, *extra), plan))
     worst = max(relative_difference(r, p) for r, p in zip(ref, pred))
     if not worst <= tolerance:
         raise VerificationError(
@@ -122,7 +138,7 @@ def check_rewrite(
             f"allowed {tolerance:.0e}): the located body ({plan.prefixes}, input {plan.body_input}, output "
             f"{plan.body_output}) is not a residual stack the tail depends on only through its output"
         )
-    return Verification(list(outputs), residual, compute_diff, worst)
+    return Verification(list(outputs), residual, compute_diff, worst, stack_input)
 
 
 def _named_values(gm, plan: BlockStackPlan):
