@@ -4,6 +4,7 @@ fewer steps (UniPC and Euler), PSNR over all frames vs the full Euler run, at 20
     python bench/wan_target_check.py                # 100 clips, about 15 min on one core
     python bench/wan_target_check.py --cells 20 --schedule 'C.C.C..C..C..C...C.C'   # and a given schedule
     python bench/wan_target_check.py --cells 28 --module-taylor    # and TaylorSeer's units on balanced's schedule
+    python bench/wan_target_check.py --input-gate                  # and "balanced" with Policy.input_gate
 
 The runs are the benchmark's own (:class:`benchmark.Bench`: its seeds, latents, guidance, schedulers and cached
 full-run references); nothing is written to the benchmark's results.
@@ -40,6 +41,8 @@ def main() -> None:
                     help="also read Taylor-1 forecasts of every block's attention / FFN outputs (diffusers TaylorSeer's "
                          "units, the harness of bench/granularity_study.py) on balanced's schedule: the granularity "
                          "the library does not have")
+    ap.add_argument("--input-gate", action="store_true",
+                    help="also read \"balanced\" with Policy(input_gate=True) (same schedule, the input-gated prediction)")
     ap.add_argument("--cells", nargs="+", type=int, default=list(CELLS), help="the step counts to read (20 28)")
     ap.add_argument("--shift", type=float, default=None,
                     help="the schedulers' time shift (default: the bundled scheduler's, 3)")
@@ -52,6 +55,9 @@ def main() -> None:
         rows = [("TC-Padé balanced", lambda: bench.pipe(bench.euler(), "balanced"), n),
                 (f"fewer steps UniPC ({few})", lambda: bench.pipe(bench.unipc()), few),
                 (f"fewer steps Euler ({few})", lambda: bench.pipe(bench.euler()), few)]
+        if args.input_gate:
+            gated = Policy.preset("balanced").replace(input_gate=True)
+            rows.insert(1, ("TC-Padé balanced + input gate", lambda: bench.pipe(bench.euler(), gated), n))
         for mask in (m for m in args.schedule if len(m) == n):
             policy = Policy.preset("balanced").replace(schedule="explicit", mask=mask)
             rows.append((f"balanced on `{mask}`", lambda policy=policy: bench.pipe(bench.euler(), policy), n))
