@@ -9,6 +9,7 @@ median gain over the shipped preset and the share of samples it improves.
 
     python bench/granularity_check.py [--models mnist-dit mnist-flux mnist-wan] [--steps 20 28 50]
                                       [--presets balanced fast] [--samples 100] [--seed0 0] [--out FILE]
+                                      [--variants shipped "input gate" ...]
 
 Results are appended to ``--out`` (default bench/results/granularity-check.jsonl); a cell already there is skipped.
 ``--table`` prints the Markdown table of what ``--out`` holds (PSNR; median per-sample gain over the shipped preset
@@ -40,11 +41,13 @@ VARIANT = {"as given": "shipped", "stack Taylor-1": "stack Taylor-1", "modules T
 
 
 def variants(preset: str) -> list[tuple[str, Policy]]:
-    """(variant, policy): calibrate's candidates for the preset (the preset as shipped first), and stack Taylor-2."""
+    """(variant, policy): calibrate's candidates for the preset (the preset as shipped first), stack Taylor-2, and
+    the preset with ``Policy.input_gate``."""
     shipped = Policy.preset(preset)
     taylor2 = shipped.replace(method="taylor", modulate_denominator=False, order=2, late_order=2,
                               history_size=max(3, shipped.history_size))
-    return [(VARIANT[name], policy) for name, policy in calibration_candidates(shipped)] + [("stack Taylor-2", taylor2)]
+    return [(VARIANT[name], policy) for name, policy in calibration_candidates(shipped)] + [
+        ("stack Taylor-2", taylor2), ("input gate", shipped.replace(input_gate=True))]
 
 
 def row_label(preset: str, variant: str) -> str:
@@ -81,6 +84,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--seed0", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "granularity-check.jsonl")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="run only these rows (names as in the table; the shipped preset always runs: the gains are "
+                         "over it)")
     ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = ap.parse_args()
     if args.table:
@@ -97,7 +103,8 @@ def main() -> None:
         seeds = list(range(args.seed0, args.seed0 + args.samples))
         given = dict(labels=[s % 10 for s in seeds], latents=bench.latents_for(seeds))
         for n in args.steps:
-            rows = [(p, row_label(p, v), policy) for p in args.presets for v, policy in variants(p)]
+            rows = [(p, row_label(p, v), policy) for p in args.presets for v, policy in variants(p)
+                    if args.variants is None or v == "shipped" or v in args.variants]
             if all((model, n, label, args.samples, args.seed0) in done for _, label, _ in rows):
                 continue
             full = bench.sample(bench.pipe(bench.euler()), n, **given)

@@ -293,10 +293,12 @@ def test_per_sample_fits_equal_fitting_each_sample_alone(data, order, batch, wid
     hist, expected, _ = rational(times, target, coeffs, beta)
     hist32 = [r.float() for r in hist]
     batched = extrapolate(times, hist32, target, order=order, per_sample=True)
-    for i in range(batch):
-        alone = extrapolate(times, [r[i:i + 1] for r in hist32], target, order=order, per_sample=True)
-        torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-5, atol=1e-6 * max_abs(*hist))
     tol = K_TOL * EPS32 * max_abs(expected, *hist) * conditioning(times, target)
+    for i in range(batch):
+        # float32 kernels may reduce a batch of rows in another order than one row: the two agree to the
+        # problem's conditioning, not bitwise (found by hypothesis: nodes -2.625..0, target 2, 2.5e-5 relative)
+        alone = extrapolate(times, [r[i:i + 1] for r in hist32], target, order=order, per_sample=True)
+        assert_within(batched[i:i + 1], alone, tol, f"sample {i} of the batch against it alone")
     assert_within(batched, expected, tol, "per-sample fit on a batch")
 
 
