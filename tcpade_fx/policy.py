@@ -60,8 +60,9 @@ class Policy:
             toward the node weights that reproduce x from the inputs at the computed steps, as far as that fit
             explains x (:func:`~tcpade_fx.pade.input_gated_residual`). The history then keeps the stack inputs too
             (twice its memory) and the graphs carry them (the compute graph returns x, the predict graph takes
-            the gate's terms). Needs ``granularity="stack"`` and ``history_size >= 3``; not exportable yet and not
-            with context parallelism (both refused, saying so). Measured in bench/ADAPTIVE_STUDY.md section 10.
+            the gate's terms; exports carry both, and a loader refuses to switch the gate or ``per_sample`` on graphs
+            built otherwise). Needs ``granularity="stack"`` and ``history_size >= 3``; not with context parallelism
+            (refused, saying so). Measured in bench/ADAPTIVE_STUDY.md section 10.
         modulation_smoothing: weight of the newest μ in its running value (1: the newest alone; 0.5 measured better
             on average, bench/modulation_variants.py).
         lambda_min: lower bound of the damping λ applied when the a-posteriori error rises.

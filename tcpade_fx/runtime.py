@@ -159,6 +159,7 @@ class GraphSet:
     example: list | None = None  # the example leaves' layouts (passes.dynamic.leaf_layout), for ``accepts``
     verified: set = field(default_factory=set)  # exact signatures already checked against the eager forward
     capture_route: str = "torch.export"  # how the graphs were captured (passes.pipeline.Graphs.capture_route)
+    input_gate: bool = False  # the graphs of Policy.input_gate (compute returns the stack input, predict takes the gate)
 
     def accepts(self, leaves: list) -> bool:
         return self.shapes is not None and self.example is not None and self.shapes.accepts(self.example, leaves)
@@ -356,9 +357,6 @@ class TCPadeRuntime:
         process's graph holds its own chunk and the collectives)."""
         if not isinstance(max_graph_sets, int) or max_graph_sets < 1:
             raise ValueError(f"max_graph_sets must be an int >= 1, got {max_graph_sets!r}")
-        if graph_source is not None and policy.input_gate:
-            raise ValueError("policy input_gate=True needs graphs that carry the block stack's input; exported graphs "
-                             "do not: run them with policy.replace(input_gate=False)")
         self.module = module
         self.policy = policy
         self.backend = get_backend(backend).require() if graph_source is None else None
@@ -518,22 +516,23 @@ class TCPadeRuntime:
 
     def _build(self, kwargs: dict, forward: Callable | None) -> GraphSet:
         if self.graph_source is not None:
-            return self.graph_source(kwargs)
+            graph_set = self.graph_source(kwargs)
+            if graph_set.input_gate != self.policy.input_gate:
+                raise ValueError(
+                    f"the policy has input_gate={self.policy.input_gate} but the given graphs were built "
+                    + ("with" if graph_set.input_gate else "without")
+                    + " the input gate's tensors: export the graphs with the policy that runs them")
+            if graph_set.input_gate:
+                self._note_input_gate(None)
+            return graph_set
         modules = self.policy.granularity == "modules"
         gated = self.policy.input_gate
         graphs = build_graphs(self.module, kwargs, forward=forward, block_prefixes=self.block_prefixes,
                               verify=self.verify, granularity=self.policy.granularity,
                               dynamic=self.dynamic_shapes and self._parallel is None and not modules,
                               input_gate=gated, per_sample=self.policy.per_sample)
-        if gated:  # standing: every trajectory's stats say what the history holds
-            p = self.policy
-            size = 2 * p.history_size * graphs.residual.numel() * (p.history_torch_dtype or torch.float32).itemsize \
-                if graphs.residual is not None else None
-            note = ("input_gate: the history keeps the block stack's inputs beside its residuals (twice the memory"
-                    + (f": {_size(size)} per guidance branch at batch {graphs.residual.shape[0]})" if size else ")"))
-            self.standing_notes = [n for n in self.standing_notes if not n.startswith("input_gate:")]
-            self.standing_notes.append(note)
-            self._stats.notes.append(note)
+        if gated:
+            self._note_input_gate(graphs.residual)
         if graphs.units is not None:  # standing: every trajectory's stats say what the history holds
             units, p = graphs.units, self.policy
             dtype = p.history_torch_dtype or torch.float32  # "model": the units' own dtype, float32
@@ -565,7 +564,19 @@ class TCPadeRuntime:
             shapes=graphs.shapes if graphs.shapes is not None and graphs.shapes.dims else None,
             example=[leaf_layout(x) for x in graphs.leaves],
             capture_route=graphs.capture_route,
+            input_gate=gated,
         )
+
+    def _note_input_gate(self, residual: torch.Tensor | None) -> None:
+        """Standing note of ``Policy.input_gate``: every trajectory's stats say what the history holds."""
+        p = self.policy
+        size = (2 * p.history_size * residual.numel() * (p.history_torch_dtype or torch.float32).itemsize
+                if residual is not None else None)
+        note = ("input_gate: the history keeps the block stack's inputs beside its residuals (twice the memory"
+                + (f": {_size(size)} per guidance branch at batch {residual.shape[0]})" if size else ")"))
+        self.standing_notes = [n for n in self.standing_notes if not n.startswith("input_gate:")]
+        self.standing_notes.append(note)
+        self._stats.notes.append(note)
 
     def _graph_set_for(self, signature, leaves: list, kwargs: dict, forward: Callable | None) -> tuple[GraphSet, bool]:
         """The graph set that runs ``signature`` (most recently used now), and whether it was captured for it."""

@@ -173,13 +173,101 @@ def test_policy_refuses_an_input_gate_it_cannot_run():
         Policy(input_gate="yes")
 
 
-def test_export_refuses_the_input_gate_saying_what_to_do(tmp_path):
-    from tcpade_fx.export import to_onnx
+# -- export: the gate's tensors in the ONNX graphs, TensorRT's torch side -----------------------------------------
+def test_onnx_export_carries_the_gate_and_runs_as_the_pytorch_runtime(tmp_path):
+    """mnist-dit exported with the gate: the compute graph returns the stack input, the predict graph takes the
+    gate (batch on its axis 1), the export check covers a gate that moves the prediction, and the onnxruntime
+    runner takes the PyTorch runtime's decisions and outputs (not the ungated ones)."""
+    import json
 
+    from tcpade_fx import models
+    from tcpade_fx.export import ManifestMismatchError, load, to_onnx
+    from tcpade_fx.metrics import psnr, seeded_latents
+
+    pipe = models.load("mnist-dit")
     gated = Policy.preset("balanced").replace(input_gate=True)
-    with pytest.raises(ValueError, match=r"input_gate=True.*policy.replace\(input_gate=False\)"):
-        to_onnx(object(), tmp_path / "never", policy=gated)
-    assert not (tmp_path / "never").exists()
+    folder = to_onnx(pipe, tmp_path / "gated", policy=gated)
+    m = json.loads((folder / "manifest.json").read_text())
+    assert [i["name"] for i in m["graphs"]["predict"]["inputs"]][-2:] == ["tcpade_residual", "tcpade_input_gate"]
+    assert m["graphs"]["predict"]["inputs"][-1]["shape"] == [4, "batch", 49, 128]
+    assert [o["name"] for o in m["graphs"]["compute"]["outputs"]][-2:] == ["tcpade_residual", "tcpade_stack_input"]
+    assert m["onnx"]["dynamic_axes"]["tcpade_input_gate"] == {"1": "batch"}
+    for checked in m["verification"]["batches"]:  # example batch, 1 and batch + 1
+        assert checked["predict_gated"] <= 1e-4 and checked["stack_input"] <= 1e-4
+
+    labels, latents, steps = [0, 3, 7], seeded_latents([11, 12, 13]), 20
+
+    def images(policy=None, runner=None):
+        if runner is not None:
+            runner.install(pipe)
+        else:
+            tcpade_fx.compile(pipe, policy=policy)
+        try:
+            out = pipe(labels, latents=latents.clone(), num_inference_steps=steps, output_type="pt").images
+            return out, pipe.tcpade.stats.decisions(0), list(pipe.tcpade.stats.notes)
+        finally:
+            tcpade_fx.disable(pipe)
+
+    want, want_schedule, _ = images(gated)
+    plain, _, _ = images("balanced")
+    got, schedule, notes = images(runner=load(folder, threads=1))
+    assert schedule == want_schedule and "." in schedule
+    assert psnr(want, got) >= 60.0
+    assert psnr(plain, got) < psnr(want, got) - 20.0  # the runner gates (it is not the ungated run)
+    assert any(n.startswith("input_gate: the history keeps") for n in notes)
+    # the graphs are built for the gate: switching it (or per_sample, which it fits by) off is refused
+    for other in ("balanced", gated.replace(per_sample=False)):
+        with pytest.raises(ManifestMismatchError, match="re-export with the policy you want to run"):
+            load(folder, policy=other, allow_policy_change=True)
+    plain_folder = to_onnx(pipe, tmp_path / "plain", policy="balanced", check=False)
+    with pytest.raises(ManifestMismatchError, match=r"input_gate: False \(export\) vs True \(requested\)"):
+        load(plain_folder, policy=gated, allow_policy_change=True)
+
+
+@pytest.mark.slow
+def test_onnx_export_of_the_gate_follows_dynamic_token_axes(tmp_path):
+    """A bare tiny Flux with 16 image / 8 text tokens: the gate's token axis is the residual's, one further; the
+    export check runs the gated predict graph at other token counts too."""
+    import json
+
+    from tcpade_fx.export import to_onnx
+    from tcpade_fx.testing import tiny_flux
+
+    model, kw = tiny_flux(batch=2, image_tokens=16, text_tokens=8)
+    folder = to_onnx(model, tmp_path / "flux", example_call=kw, policy=Policy.preset("balanced").replace(input_gate=True))
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["call"]["input_gate"]["gate"]["dynamic_axes"] == {"1": "batch", "2": "tokens_16"}
+    assert m["graphs"]["predict"]["inputs"][-1]["shape"] == [4, "batch", "tokens_16", 32]
+    probes = m["verification"]["batches"]
+    assert probes[-1]["dims"] == {"tokens_16": 24, "tokens_8": 12} and probes[-1]["predict_gated"] <= 1e-4
+
+
+def test_tensorrt_export_torch_side_carries_the_gate():
+    """What to_tensorrt does before the converter, with the gate: the gate's batch range is on its axis 1 and the
+    exported programs run the gate as the captured graphs do."""
+    from tcpade_fx import models
+    from tcpade_fx.export.capture import capture_for_export
+    from tcpade_fx.export.checks import drawn_gate
+    from tcpade_fx.export.tensorrt import prepare_tensorrt_export
+    from tcpade_fx.passes.dynamic import resize_batch
+
+    cap = capture_for_export(models.load("mnist-dit"), dynamic_tokens=False, input_gate=True)
+    prepared = prepare_tensorrt_export(cap, min_batch=1, max_batch=16)
+    compute, predict = prepared["compute"], prepared["predict"]
+    assert predict.input_names[-2:] == ["tcpade_residual", "tcpade_input_gate"]
+    assert compute.output_names[-2:] == ["tcpade_residual", "tcpade_stack_input"]
+    assert predict.shapes[-1]["min"] == [4, 1, 49, 128] and predict.shapes[-1]["max"] == [4, 16, 49, 128]
+    leaves = resize_batch(cap.leaves, cap.batch_leaves, 3)
+    tensors = [leaves[i] for i in cap.tensor_positions]
+    with torch.no_grad():
+        want = cap.compute(*leaves)
+        got = compute.exported.module()(*tensors)
+        gate = drawn_gate(want[-2], want[-1])
+        pred_want = cap.predict(*leaves, want[-2], gate)
+        pred = predict.exported.module()(*tensors, want[-2], gate)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got))
+    assert torch.allclose(pred[0], pred_want[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(pred[0], want[0], rtol=1e-3, atol=1e-4)  # the drawn gate moved the prediction
 
 
 # -- the runtime on tiny pipelines -----------------------------------------------------------------------------

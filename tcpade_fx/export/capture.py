@@ -3,7 +3,9 @@ symbolic batch and token axes (:func:`tcpade_fx.passes.build_graphs` with ``dyna
 
 :class:`ExportCapture` holds the module and its :class:`~tcpade_fx.passes.Graphs`; the exporters and the manifest
 read the graphs, the example leaves, their names, which leaves are tensors and which are constants specialised in
-the graphs, and which axes are dynamic (and why the others are static).
+the graphs, which axes are dynamic (and why the others are static), and the tensors each graph takes and returns
+beyond the call (:meth:`ExportCapture.extra_io`: the residual, and with ``Policy.input_gate`` the block stack's
+input and the gate's terms).
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ from ..distributed import context_parallel_config
 from ..integration import transformer_of
 from ..passes import Graphs, ShapePlan, bind_call, build_graphs, example_residual, flatten_call
 from ..passes.capture import tracing_forward
+from ..passes.verify import neutral_gate
 
 #: JSON-representable constant leaves (specialised in the graph, checked at every new call signature).
 CONSTANT_TYPES = (bool, int, float, str, type(None))
+#: Names of the graphs' tensors beyond the call: the residual (compute's last output, predict's first extra input),
+#: and with ``Policy.input_gate`` the block stack's input (compute's output after the residual) and the gate's
+#: terms (predict's input after the residual).
+RESIDUAL = "tcpade_residual"
+STACK_INPUT = "tcpade_stack_input"
+GATE = "tcpade_input_gate"
 
 
 class _Recorded(Exception):
@@ -57,12 +66,27 @@ class ExportCapture:
     residual_axes = property(lambda self: self.shapes.residual_axes)
     token_dims = property(lambda self: self.shapes.token_dims)
 
+    input_gate = property(lambda self: self.graphs.input_gate)
+
     def export_dims(self) -> dict:
         return self.shapes.export_dims()
 
-    def dynamic_shapes(self, dims: dict, residual: bool = False) -> tuple | None:
+    def dynamic_shapes(self, dims: dict, residual: bool = False, gate: bool = False) -> tuple | None:
         """``dynamic_shapes`` for a :class:`~tcpade_fx.backends.TensorOnly` wrapper of a graph."""
-        return self.shapes.dynamic_shapes(dims, self.tensor_positions, residual)
+        return self.shapes.dynamic_shapes(dims, self.tensor_positions, residual, gate)
+
+    def extra_io(self, which: str) -> tuple[list[torch.Tensor], list[str], list[str]]:
+        """What graph ``which`` ("compute" or "predict") takes and returns beyond the call: example tensors of its
+        extra inputs, their names, and the names of its extra outputs. compute returns the residual (and the
+        stack input with the input gate); predict takes the residual (and the gate's terms, here neutral ones:
+        the example only fixes their shape)."""
+        if which == "compute":
+            return [], [], [RESIDUAL, *([STACK_INPUT] if self.input_gate else [])]
+        if which == "predict":
+            residual = self.residual
+            tensors = [residual, *([neutral_gate(residual)] if self.input_gate else [])]
+            return tensors, [RESIDUAL, *([GATE] if self.input_gate else [])], []
+        raise ValueError(f"no graph {which!r}: the exports hold 'compute' and 'predict'")
 
 
 def record_call(target, example_call) -> tuple[torch.nn.Module, dict]:
@@ -132,9 +156,12 @@ def capture_for_export(
     dynamic_batch: bool = True,
     dynamic_tokens: bool = True,
     block_prefixes: tuple[str, ...] | None = None,
+    input_gate: bool = False,
+    per_sample: bool = True,
 ) -> ExportCapture:
     """Record the transformer's first call and build its verified graphs with batch and token axes symbolic
-    where the model allows (:mod:`tcpade_fx.passes.dynamic`).
+    where the model allows (:mod:`tcpade_fx.passes.dynamic`); with ``input_gate`` the graphs of
+    ``Policy.input_gate`` (one gate per batch element where ``per_sample``).
 
     Raises :class:`~tcpade_fx.distributed.UnsupportedParallelismError` under context (or tensor) parallelism."""
     refuse_parallel(transformer_of(target))
@@ -144,5 +171,5 @@ def capture_for_export(
     if bad:
         raise TypeError(f"cannot export call arguments of type {sorted(set(bad))}: only tensors and JSON constants")
     graphs = build_graphs(module, kwargs, dynamic=True, dynamic_batch=dynamic_batch, dynamic_tokens=dynamic_tokens,
-                          block_prefixes=block_prefixes)
+                          block_prefixes=block_prefixes, input_gate=input_gate, per_sample=per_sample)
     return ExportCapture(module, graphs)

@@ -20,7 +20,7 @@ from ..policy import PRESETS, Policy, resolve_policy
 from ..backends import GraphFileError
 from ..backends.registry import dtype_name
 from ..passes.dynamic import BATCH, axis_expr
-from .capture import ExportCapture
+from .capture import GATE, RESIDUAL, STACK_INPUT, ExportCapture
 from .hashing import file_sha256
 
 FORMAT = "tcpade-fx-export"
@@ -48,7 +48,10 @@ def call_section(cap: ExportCapture) -> dict:
 
     ``dynamic_axes`` of a tensor maps an axis (as a string) to a dimension of ``dims``; every axis of the same
     dimension takes the same size in a call. ``static_axes`` maps each other axis to the reason it is static.
+    ``input_gate`` (graphs of ``Policy.input_gate`` only) names the compute graph's stack-input output and the
+    predict graph's gate input.
     """
+    residual_axes = {str(a): axis_expr(*e) for a, e in cap.residual_axes.items()}
     leaves = []
     for i, (name, x) in enumerate(zip(cap.leaf_names, cap.leaves)):
         if isinstance(x, torch.Tensor):
@@ -67,9 +70,15 @@ def call_section(cap: ExportCapture) -> dict:
         "timestep_input": cap.leaf_names[cap.timestep_position],
         "timestep_leaf": cap.timestep_position,
         "residual": {
-            "name": "tcpade_residual", "shape": list(cap.residual.shape), "dtype": "float32",
-            "dynamic_axes": {str(a): axis_expr(*e) for a, e in cap.residual_axes.items()},
+            "name": RESIDUAL, "shape": list(cap.residual.shape), "dtype": "float32",
+            "dynamic_axes": residual_axes,
         },
+        **({"input_gate": {
+            "stack_input": {"name": STACK_INPUT, "shape": list(cap.residual.shape), "dtype": "float32",
+                            "dynamic_axes": residual_axes},
+            "gate": {"name": GATE, "shape": [4, *cap.residual.shape], "dtype": "float32",
+                     "dynamic_axes": {str(int(a) + 1): d for a, d in residual_axes.items()}},
+        }} if cap.input_gate else {}),
         "batch": cap.dims.get(BATCH),
         "dims": cap.dims,
     }
@@ -154,15 +163,8 @@ def read_manifest(out_dir: Path) -> dict:
 
 
 def require_exportable_policy(policy: Policy) -> Policy:
-    """Exported graphs forecast the block stack's residual from its history alone; a policy asking for another
-    granularity, or for the input gate (whose graphs carry the stack input), is refused (the graphs would not be
-    what it describes)."""
-    if policy.input_gate:
-        raise ValueError(
-            f"policy {policy.name!r} has input_gate=True; exported graphs (ONNX, TensorRT) do not carry the block "
-            "stack's input the gate fits yet. Export with policy.replace(input_gate=False), or run the input gate "
-            "with tcpade_fx.compile(pipe, ...) (eager or inductor backends)"
-        )
+    """Exported graphs forecast the block stack's residual; a policy asking for another granularity is refused
+    (the graphs would not be what it describes)."""
     if policy.granularity != "stack":
         raise ValueError(
             f"policy {policy.name!r} has granularity={policy.granularity!r}; exported graphs (ONNX, TensorRT) have "
@@ -172,17 +174,44 @@ def require_exportable_policy(policy: Policy) -> Policy:
     return policy
 
 
+#: Policy fields the exported graphs are built for (the others only steer the runtime in Python): with the input
+#: gate the compute graph returns the stack input, the predict graph takes the gate and fits it per sample or not.
+GRAPH_FIELDS = ("input_gate", "per_sample")
+
+
+def _graph_difference(exported: Policy, wanted: Policy) -> dict:
+    if not (exported.input_gate or wanted.input_gate):
+        return {}
+    return {k: (getattr(exported, k), getattr(wanted, k)) for k in GRAPH_FIELDS
+            if getattr(exported, k) != getattr(wanted, k)}
+
+
 def resolve_load_policy(manifest: dict, policy, allow_policy_change: bool) -> Policy:
     exported = _policy_from_fields(manifest.get("policy"))
+    if exported.input_gate != bool(manifest.get("call", {}).get("input_gate")):
+        raise ManifestMismatchError(
+            f"the manifest's policy has input_gate={exported.input_gate} but its graphs "
+            + ("carry" if manifest.get("call", {}).get("input_gate") else "do not carry")
+            + " the input gate's tensors; re-export the folder"
+        )
     if policy is None:
         return exported
     wanted = require_exportable_policy(resolve_policy(policy))
+    graph_diff = _graph_difference(exported, wanted)
+    if graph_diff:
+        raise ManifestMismatchError(
+            "the exported graphs were built for input_gate / per_sample as the export's policy has them, and the "
+            "requested policy differs in "
+            + ", ".join(f"{k}: {a!r} (export) vs {b!r} (requested)" for k, (a, b) in graph_diff.items())
+            + ": re-export with the policy you want to run (tcpade_fx.export.to_onnx(..., policy=...))"
+        )
     diff = policy_difference(exported, wanted)
     if diff and not allow_policy_change:
         raise ManifestMismatchError(
             f"the export was made with policy {exported.name!r}; the requested policy {wanted.name!r} differs in "
             + ", ".join(f"{k}: {a!r} (export) vs {b!r} (requested)" for k, (a, b) in diff.items())
-            + ". The graphs do not depend on the policy: pass allow_policy_change=True to run them with it anyway"
+            + ". Only input_gate and per_sample (with the gate) change the graphs: pass allow_policy_change=True to "
+            "run them with it anyway"
         )
     return wanted
 

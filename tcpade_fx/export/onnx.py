@@ -45,21 +45,20 @@ from ..policy import Policy, resolve_policy
 from ..backends import TensorOnly
 from ..backends.onnxruntime import onnx_io, ort_session
 from ..passes.dynamic import BATCH, probe_size, resize_dims
+from ..passes.verify import neutral_gate
 from .capture import ExportCapture, capture_for_export
-from .checks import graph_errors, reference_outputs
+from .checks import gated_predict_check, graph_errors, reference_outputs
 from .hashing import file_sha256, weights_sha256
 from .manifest import base_manifest, require_exportable_policy, write_manifest
-
-RESIDUAL = "tcpade_residual"
 
 
 def _export_one(cap: ExportCapture, which: str, path: Path, opset: int | None) -> None:
     gm = cap.compute if which == "compute" else cap.predict
-    extra = which == "predict"
-    wrapper = TensorOnly(gm, cap.leaves, cap.tensor_positions, extra=int(extra)).eval()
-    args = tuple(cap.leaves[i] for i in cap.tensor_positions) + ((cap.residual,) if extra else ())
-    input_names = cap.tensor_names + ([RESIDUAL] if extra else [])
-    output_names = cap.output_names + ([RESIDUAL] if not extra else [])
+    extra, extra_names, extra_outputs = cap.extra_io(which)
+    wrapper = TensorOnly(gm, cap.leaves, cap.tensor_positions, extra=len(extra)).eval()
+    args = tuple(cap.leaves[i] for i in cap.tensor_positions) + tuple(extra)
+    input_names = cap.tensor_names + extra_names
+    output_names = cap.output_names + extra_outputs
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level
     registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" etc.
@@ -70,7 +69,8 @@ def _export_one(cap: ExportCapture, which: str, path: Path, opset: int | None) -
             with contextlib.redirect_stdout(devnull):  # the exporter prints progress lines
                 program = torch.onnx.export(
                     wrapper, args, dynamo=True, input_names=input_names, output_names=output_names,
-                    dynamic_shapes=cap.dynamic_shapes(cap.export_dims(), residual=extra),
+                    dynamic_shapes=cap.dynamic_shapes(cap.export_dims(), residual=bool(extra),
+                                                      gate=len(extra) > 1),
                     opset_version=opset, optimize=True, verbose=False,
                 )
     finally:
@@ -98,14 +98,22 @@ def _check(cap: ExportCapture, folder: Path, tolerance: float) -> dict:
         runs.append({n: probe_size(e) + examples[:k].count(e)
                      for k, (n, e) in enumerate(zip(cap.token_dims, examples))})
     report: dict = {"tolerance": tolerance, "batches": []}
+    predict_names = names + cap.extra_io("predict")[1]
     for sizes in runs:
         size = sizes.get(BATCH, cap.batch_size)
         leaves = resize_dims(cap.leaves, cap.dynamic_axes, sizes) if sizes else cap.leaves
         ref = reference_outputs(cap.module, leaves, cap.in_spec)
         tensors = [leaves[i] for i in cap.tensor_positions]
-        *outs, residual = _run(compute, names, tensors)
-        pred = _run(predict, names + [RESIDUAL], tensors + [residual])
-        errs = graph_errors(ref, outs, pred)
+        got = _run(compute, names, tensors)
+        stack_input = got.pop() if cap.input_gate else None
+        *outs, residual = got
+        if cap.input_gate:  # the neutral gate steps with the residual itself; a drawn one checks the gate's ops
+            gated = gated_predict_check(cap.compute, cap.predict, leaves, residual, stack_input,
+                                        lambda gate: _run(predict, predict_names, tensors + [residual, gate]))
+            pred = _run(predict, predict_names, tensors + [residual, neutral_gate(residual)])
+        else:
+            gated, pred = {}, _run(predict, predict_names, tensors + [residual])
+        errs = {**graph_errors(ref, outs, pred), **gated}
         tokens = {n: v for n, v in sizes.items() if n != BATCH}
         report["batches"].append({"batch": size, **({"dims": tokens} if tokens else {}), **errs})
         if not max(errs.values()) <= tolerance:
@@ -155,7 +163,7 @@ def to_onnx(
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     cap = capture_for_export(target, example_call, dynamic_batch=dynamic_batch, dynamic_tokens=dynamic_tokens,
-                             block_prefixes=block_prefixes)
+                             block_prefixes=block_prefixes, input_gate=policy.input_gate, per_sample=policy.per_sample)
     manifest = base_manifest(cap, policy, "onnx", weights_sha256(cap.module))
     opsets = set()
     for which in ("compute", "predict"):
@@ -175,7 +183,8 @@ def to_onnx(
         "opset": sorted(opsets)[0] if len(opsets) == 1 else sorted(opsets),
         "exporter": "torch.onnx.export(dynamo=True, optimize=True)",
         # torch.onnx's classic dynamic_axes form: input -> {axis: dimension}
-        "dynamic_axes": {e["name"]: e["dynamic_axes"] for e in [*call["leaves"], call["residual"]]
+        "dynamic_axes": {e["name"]: e["dynamic_axes"] for e in [*call["leaves"], call["residual"],
+                                                                 *call.get("input_gate", {}).values()]
                          if e.get("dynamic_axes")},
     }
     if check:

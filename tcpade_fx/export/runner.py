@@ -65,7 +65,8 @@ class ExportedTCPade:
             body_input=stack["body_input"], body_output=stack["body_output"],
         )
         return GraphSet(plan=plan, compute=self.compute, predict=self.predict, out_spec=self.out_spec,
-                       in_spec=self.in_spec, timestep_position=self.timestep_position)
+                       in_spec=self.in_spec, timestep_position=self.timestep_position,
+                       input_gate=bool(self.manifest["call"].get("input_gate")))
 
     def runtime(self, module: torch.nn.Module) -> TCPadeRuntime:
         """A :class:`TCPadeRuntime` for ``module`` (used for its forward signature) that runs these graphs."""
@@ -105,8 +106,10 @@ def _declared(entries: list[dict]) -> list[dict]:
 
 
 def _graph_inputs(manifest: dict, which: str) -> tuple[list[str], list[int]]:
-    tensors = [e for e in manifest["call"]["leaves"] if e["kind"] == "tensor"]
-    names = [e["name"] for e in tensors] + (["tcpade_residual"] if which == "predict" else [])
+    call = manifest["call"]
+    tensors = [e for e in call["leaves"] if e["kind"] == "tensor"]
+    extra = [call["residual"]["name"], *([call["input_gate"]["gate"]["name"]] if call.get("input_gate") else [])]
+    names = [e["name"] for e in tensors] + (extra if which == "predict" else [])
     return names, [e["index"] for e in tensors]
 
 

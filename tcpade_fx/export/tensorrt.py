@@ -41,13 +41,13 @@ from ..backends import GraphFile, TensorOnly
 from ..backends.tensorrt import (
     TensorRTEngineGraph, TensorRTUnavailableError, deserialize_engine, engine_io, require_tensorrt,
 )
+from ..passes.verify import neutral_gate
 from ..policy import Policy, resolve_policy
 from .capture import ExportCapture, capture_for_export
-from .checks import graph_errors, reference_outputs
+from .checks import gated_predict_check, graph_errors, reference_outputs
 from .hashing import file_sha256, weights_sha256
 from .manifest import base_manifest, require_exportable_policy, write_manifest
 
-RESIDUAL = "tcpade_residual"
 __all__ = ["TensorRTUnavailableError", "prepare_tensorrt_export", "require_tensorrt", "to_tensorrt"]
 
 
@@ -84,25 +84,24 @@ def prepare_tensorrt_export(
         dim = torch.export.Dim("batch", min=min_batch, max=max_batch)
     prepared = {}
     for which in ("compute", "predict"):
-        extra = which == "predict"
-        gm = cap.predict if extra else cap.compute
-        wrapper = TensorOnly(gm, cap.leaves, cap.tensor_positions, extra=int(extra)).eval()
-        args = [cap.leaves[i] for i in cap.tensor_positions] + ([cap.residual] if extra else [])
-        batched = [i in cap.batch_leaves for i in cap.tensor_positions] + ([bool(cap.batch_leaves)] if extra else [])
-        dynamic = (tuple({0: dim} if b else None for b in batched),) if cap.batch_leaves else None
+        gm = cap.predict if which == "predict" else cap.compute
+        extra, extra_names, extra_outputs = cap.extra_io(which)
+        wrapper = TensorOnly(gm, cap.leaves, cap.tensor_positions, extra=len(extra)).eval()
+        args = [cap.leaves[i] for i in cap.tensor_positions] + extra
+        # the batch axis: axis 0 of the batched leaves and of the residual, axis 1 of the gate's (4, *residual)
+        axes = [0 if i in cap.batch_leaves else None for i in cap.tensor_positions]
+        axes += [k if cap.batch_leaves else None for k in range(len(extra))]
+        dynamic = (tuple(None if a is None else {a: dim} for a in axes),) if cap.batch_leaves else None
         with torch.no_grad():
             ep = torch.export.export(wrapper, tuple(args), strict=False, dynamic_shapes=dynamic)
         shapes = []
-        for t, b in zip(args, batched):
+        for t, a in zip(args, axes):
             s = list(t.shape)
-            shapes.append({
-                "min": [min_batch, *s[1:]] if b else s, "opt": [opt_batch, *s[1:]] if b else s,
-                "max": [max_batch, *s[1:]] if b else s, "dtype": t.dtype,
-            })
+            sized = (lambda n, s=s, a=a: s if a is None else [*s[:a], n, *s[a + 1:]])
+            shapes.append({"min": sized(min_batch), "opt": sized(opt_batch), "max": sized(max_batch), "dtype": t.dtype})
         prepared[which] = PreparedGraph(
             name=which, exported=ep, shapes=shapes,
-            input_names=cap.tensor_names + ([RESIDUAL] if extra else []),
-            output_names=cap.output_names + ([] if extra else [RESIDUAL]),
+            input_names=cap.tensor_names + extra_names, output_names=cap.output_names + extra_outputs,
         )
     return prepared
 
@@ -137,7 +136,7 @@ def to_tensorrt(
     folder.mkdir(parents=True, exist_ok=True)
     # token axes static: engines would need a min/opt/max range for each (not exposed here)
     cap = capture_for_export(target, example_call, dynamic_batch=dynamic_batch, dynamic_tokens=False,
-                             block_prefixes=block_prefixes)
+                             block_prefixes=block_prefixes, input_gate=policy.input_gate, per_sample=policy.per_sample)
     _require_cuda_inputs(cap)
     prepared = prepare_tensorrt_export(cap, min_batch, opt_batch, max_batch)
     manifest = base_manifest(cap, policy, "tensorrt", weights_sha256(cap.module))
@@ -190,15 +189,22 @@ def _check_engines(cap: ExportCapture, folder: Path, manifest: dict, tolerance: 
     """Both engines against the PyTorch transformer on the example call: the compute engine's outputs, and the
     predict engine's outputs given the compute engine's (true) residual. Returns the verification record."""
     tol = tolerance if tolerance is not None else 1e-2  # TF32 and tactic choice: looser than ORT on CPU
-    names = {"compute": cap.tensor_names, "predict": cap.tensor_names + [RESIDUAL]}
+    names = {w: cap.tensor_names + cap.extra_io(w)[1] for w in ("compute", "predict")}
     graphs = {w: TensorRTEngineGraph(GraphFile(folder / f"{w}.engine", manifest["graphs"][w], names[w],
                                                cap.tensor_positions, len(cap.leaves)), check_io=lambda *_: None)
               for w in ("compute", "predict")}
     ref = reference_outputs(cap.module, cap.leaves, cap.in_spec)
     with torch.no_grad():
-        *outs, residual = graphs["compute"](*cap.leaves)
-        pred = graphs["predict"](*cap.leaves, residual)
-    errs = graph_errors(ref, outs, pred)
+        got = list(graphs["compute"](*cap.leaves))
+        stack_input = got.pop() if cap.input_gate else None
+        *outs, residual = got
+        if cap.input_gate:  # the neutral gate steps with the residual itself; a drawn one checks the gate's ops
+            gated = gated_predict_check(cap.compute, cap.predict, cap.leaves, residual, stack_input,
+                                        lambda gate: graphs["predict"](*cap.leaves, residual, gate))
+            pred = graphs["predict"](*cap.leaves, residual, neutral_gate(residual))
+        else:
+            gated, pred = {}, graphs["predict"](*cap.leaves, residual)
+    errs = {**graph_errors(ref, outs, pred), **gated}
     if not max(errs.values()) <= tol:
         raise RuntimeError(f"the TensorRT engines differ from the PyTorch transformer: {errs} (relative, allowed "
                            f"{tol:g}); the engines in {folder} are not usable (no manifest was written)")

@@ -111,12 +111,16 @@ class ShapePlan:
                     return False
         return True
 
-    def dynamic_shapes(self, dims: dict, tensor_positions: list[int], residual: bool = False) -> tuple | None:
+    def dynamic_shapes(self, dims: dict, tensor_positions: list[int], residual: bool = False,
+                       gate: bool = False) -> tuple | None:
         """``dynamic_shapes`` for a tensor-only wrapper of a graph: one entry per tensor leaf (``tensor_positions``),
-        plus the residual input with ``residual``; ``None`` when every axis is static."""
+        plus the residual input with ``residual``, plus the input gate's terms (``Policy.input_gate``: shape
+        ``(4, *residual)``, the residual's axes one further) with ``gate``; ``None`` when every axis is static."""
         specs = [{a: dims[n] for a, n in self.dynamic_axes.get(i, {}).items()} or None for i in tensor_positions]
         if residual:
             specs.append({a: residual_dim(dims[n], k, b) for a, (n, k, b) in self.residual_axes.items()} or None)
+        if gate:
+            specs.append({a + 1: residual_dim(dims[n], k, b) for a, (n, k, b) in self.residual_axes.items()} or None)
         return (tuple(specs),) if any(s is not None for s in specs) else None
 
 FIXED = "fixed by the model: torch.export specialised it when left free"
