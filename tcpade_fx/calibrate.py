@@ -38,19 +38,24 @@ COMPUTE_SLACK = 0.02
 
 def calibration_candidates(policy: Policy) -> list[tuple[str, Policy]]:
     """The forecasts :func:`calibrate` compares, each on ``policy``'s schedule settings: the policy itself, Taylor-1
-    of the stack residual, and the attention/feed-forward outputs of every block (``granularity="modules"``) with
-    Taylor-1 and with the policy's own numerics.
+    of the stack residual, the attention/feed-forward outputs of every block (``granularity="modules"``) with
+    Taylor-1 and with the policy's own numerics, and the policy with the other setting of ``input_gate`` (where
+    the policy can run it: stack granularity, ``history_size >= 3``).
 
     Not Taylor-2: it wins some 50-step cells but fails on a few samples in others (mnist-flux, 28 steps: median
     per-sample gain −0.16 dB, PSNR of the 100 samples −3.4 dB), which a calibration set of 8 does not see; pass it
     in ``candidates`` to compare it anyway."""
-    taylor = dict(method="taylor", modulate_denominator=False)
-    return [
+    taylor = dict(method="taylor", modulate_denominator=False, input_gate=False)
+    found = [
         ("as given", policy),
         ("stack Taylor-1", policy.replace(**taylor)),
         ("modules Taylor-1", policy.replace(granularity="modules", **taylor)),
-        ("modules, its numerics", policy.replace(granularity="modules")),
+        ("modules, its numerics", policy.replace(granularity="modules", input_gate=False)),
     ]
+    if policy.granularity == "stack" and policy.history_size >= 3:
+        found.append(("without input gate" if policy.input_gate else "input gate",
+                      policy.replace(input_gate=not policy.input_gate)))
+    return found
 
 
 @dataclass(frozen=True)
