@@ -39,7 +39,7 @@ from tcpade_fx import metrics, models, runtime  # noqa: E402
 now = time.thread_time  # CPU time of this (single) thread: robust to sharing the cores; --clock wall for wall time
 
 NUMERICS = ("extrapolate_stacked", "denominator_partials", "relative_error_partials", "modulation_partials",
-            "nonfinite_partial", "replace_nonfinite_")  # the runtime keeps its history in a ring: no stack_history
+            "nonfinite_partial", "replace_nonfinite_", "input_gate_terms")  # the runtime keeps its history in a ring: no stack_history
 
 
 class Clock:

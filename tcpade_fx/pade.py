@@ -455,9 +455,11 @@ def input_gate_terms(
     nodes = picked[-GATE_NODES:]
     for k, (ring, weights) in enumerate(((residuals, base), (residuals, direction),
                                          (inputs, base), (inputs, direction))):
-        acc = out[k].copy_(ring[nodes[0]]).mul_(weights[0])
-        for node, w in zip(nodes[1:], weights[1:]):
-            acc.add_(ring[node].float(), alpha=w)
+        terms = [(node, w) for node, w in zip(nodes, weights) if w != 0.0] or [(nodes[-1], 0.0)]
+        (first, w0), rest = terms[0], terms[1:]  # one pass per node with a weight (base's oldest has none)
+        torch.mul(ring[first].float(), w0, out=out[k])
+        for node, w in rest:
+            out[k].add_(ring[node].float(), alpha=w)
     return out
 
 
@@ -482,18 +484,21 @@ def input_gated_residual(prior: Tensor, gate: Tensor, stack_input: Tensor, *, pe
     terms = gate.reshape(4, rows, -1)
     guided, guided_direction, input_fit, input_direction = terms.unbind(0)
     miss = input_fit - stack_input.reshape(rows, -1).float()
-    scale = torch.maximum(miss.abs().amax(1, keepdim=True), input_direction.abs().amax(1, keepdim=True))
+    # the Gram matrix of (B − x, D) per row, on data scaled by its largest magnitude (finite for any finite data);
+    # ‖B − x + λD‖² is then a quadratic in λ: the data are read a few times, not once per quantity
+    scale = torch.stack((miss.amax(1, keepdim=True), -miss.amin(1, keepdim=True),
+                         input_direction.amax(1, keepdim=True), -input_direction.amin(1, keepdim=True))).amax(0)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    m, d = miss / scale, input_direction / scale
-    dd = (d * d).sum(1, keepdim=True)
-    lam = -(m * d).sum(1, keepdim=True) / torch.where(dd > 0, dd, torch.ones_like(dd))
+    pair = torch.stack((miss, input_direction), dim=1) / scale.unsqueeze(-1)
+    gram = torch.bmm(pair, pair.transpose(1, 2))
+    mm, md, dd = gram[:, 0, 0:1], gram[:, 0, 1:2], gram[:, 1, 1:2]
+    lam = -md / torch.where(dd > 0, dd, torch.ones_like(dd))
     lam = torch.nan_to_num(lam, nan=0.0, posinf=0.0, neginf=0.0).clamp(0.0, 1.0)
-    fitted = m + lam * d
-    mm = (m * m).sum(1, keepdim=True)
-    share = 1.0 - (fitted * fitted).sum(1, keepdim=True) / torch.where(mm > 0, mm, torch.ones_like(mm))
+    left = (mm + 2.0 * lam * md + lam * lam * dd).clamp_min(0.0)
+    share = 1.0 - left / torch.where(mm > 0, mm, torch.ones_like(mm))
     share = torch.where(mm > 0, share, torch.ones_like(share))  # x is Taylor-1's exactly: so is the residual
     share = torch.nan_to_num(share, nan=0.0, posinf=0.0, neginf=0.0).clamp(0.0, 1.0)
-    out = p + share * (guided + lam * guided_direction - p)
+    out = torch.lerp(p, torch.addcmul(guided, guided_direction, lam), share)
     return out.reshape(prior.shape)
 
 
