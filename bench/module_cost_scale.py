@@ -1,7 +1,9 @@
-"""How the module forecast's cost compares with the stack forecast's as the transformer gets wider: mnist-wan's
-pipeline with its transformer replaced by an untrained one of another width (same patch, tokens, blocks).
+"""How the module forecast's cost (or the input gate's, ``--compare input-gate``) compares with the stack
+forecast's as the transformer gets wider: mnist-wan's pipeline with its transformer replaced by an untrained one of
+another width (same patch, tokens, blocks).
 
     python bench/module_cost_scale.py [--widths 128 512 1024] [--layers 4] [--steps 28] [--clips 1] [--repeats 3]
+                                      [--compare modules|input-gate]
 
 Per width: the full run, "balanced" (the stack residual) and "balanced" forecasting every block's attention /
 feed-forward outputs with Taylor-1 (``granularity="modules"``), interleaved, CPU time of the one thread, median of
@@ -30,6 +32,9 @@ from tcpade_fx import Policy, metrics, models  # noqa: E402
 from tcpade_fx.models import wan  # noqa: E402
 
 MODULES = Policy.preset("balanced").replace(granularity="modules", method="taylor", modulate_denominator=False)
+#: what --compare sets beside the shipped stack forecast
+COMPARED = {"modules": ("balanced, modules Taylor-1", MODULES),
+            "input-gate": ("balanced, input gate", Policy.preset("balanced").replace(input_gate=True))}
 
 
 def transformer_of_width(width: int, layers: int):
@@ -46,16 +51,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--clips", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compare", choices=sorted(COMPARED), default="modules")
     args = ap.parse_args()
+    label, compared = COMPARED[args.compare]
     torch.set_num_threads(1)
     kind = SAMPLES["mnist-wan"]()
     seeds = list(range(args.clips))
     labels, latents = [s % 10 for s in seeds], metrics.seeded_latents(seeds, kind.latent_shape)
-    print("| width (FFN) | blocks | full run s | balanced, stack: speedup | balanced, modules Taylor-1: speedup | ideal |")
+    print(f"| width (FFN) | blocks | full run s | balanced, stack: speedup | {label}: speedup | ideal |")
     print("|---|---|---|---|---|---|")
     for width in args.widths:
         pipes = {}
-        for name, policy in (("full", None), ("stack", "balanced"), ("modules", MODULES)):
+        for name, policy in (("full", None), ("stack", "balanced"), ("modules", compared)):
             pipe = models.load("mnist-wan")
             pipe.transformer = transformer_of_width(width, args.layers)
             pipes[name] = pipe if policy is None else tcpade_fx.compile(pipe, policy=policy)

@@ -115,6 +115,21 @@ def export_refusal(pipe, kwargs) -> str | None:
     return None
 
 
+def input_gate_refusal(pipe, kwargs) -> str | None:
+    """What running ``Policy.input_gate`` on the context-parallel transformer says (None: it ran)."""
+    import tcpade_fx
+    from tcpade_fx.distributed import UnsupportedParallelismError
+
+    tcpade_fx.compile(pipe, policy=tcpade_fx.Policy.preset("balanced").replace(input_gate=True))
+    try:
+        pipe(**{**kwargs, "num_inference_steps": 2})
+    except UnsupportedParallelismError as exc:
+        return str(exc)
+    finally:
+        tcpade_fx.disable(pipe)
+    return None
+
+
 def run(name: str, out: Path, rank: int) -> None:
     import tcpade_fx.distributed as tdist
 
@@ -164,6 +179,7 @@ def _run(name: str, out: Path, rank: int, pipe, kwargs) -> None:
         })
     if not result["runs"][-1]["error"]:
         result["export"] = export_refusal(pipe, kwargs)
+        result["input_gate"] = input_gate_refusal(pipe, kwargs)
     torch.save(latents, out / f"{name}.rank{rank}.pt")
     (out / f"{name}.rank{rank}.json").write_text(json.dumps(result, indent=1))
 

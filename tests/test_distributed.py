@@ -8,7 +8,7 @@ What is asserted, per scenario of tests/distributed_worker.py:
 * the compute graph holds the collectives (Ulysses: all-to-all; Ring: all-gather of K/V);
 * with per-process statistics (what a cache that reduces nothing does) the error-controlled policy makes the
   processes disagree, and the decision guard stops both at that call with DivergedDecisionError (no hang);
-* export refuses a context-parallel transformer, saying why.
+* export refuses a context-parallel transformer, saying why, and so does the runtime for the input gate.
 
 The two diffusers CPU workarounds (tcpade_fx.testing_distributed.cpu_context_parallel_workarounds) are applied in
 the worker processes; the process group has a 60 s timeout and the whole run a subprocess timeout, so that a
@@ -122,6 +122,14 @@ def test_export_refuses_context_parallelism(results):
     for name in ("flux_ulysses_error", "flux_ring_presets", "wan_ulysses_fast"):
         for report, _ in results[name]:
             assert report["export"] and "context parallelism enabled" in report["export"]
+
+
+def test_the_input_gate_is_refused_under_context_parallelism_on_every_process(results):
+    """Each process would fit the gate on its own chunk of tokens: refused at the first call, on both processes
+    (no hang), saying what to use instead."""
+    for name in ("flux_ulysses_error", "flux_ring_presets", "wan_ulysses_fast"):
+        for report, _ in results[name]:
+            assert report["input_gate"] and "policy.replace(input_gate=False)" in report["input_gate"]
 
 
 # -- the statistics' shares, without processes ---------------------------------------------------------------------
