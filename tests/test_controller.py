@@ -197,8 +197,9 @@ def test_invariants_and_determinism_under_arbitrary_feedback(policy, times, data
     check_invariants(policy, a, times, known)
     b = drive(policy, times, replay(errors, velocities), known)
     assert fingerprint(a) == fingerprint(b)
-    # reset() starts a fresh trajectory: the same inputs give the same decisions again
-    a.reset(n if known else None)
+    # reset() starts a fresh trajectory: the same inputs (step lengths included, as drive() gave them) give the
+    # same decisions again
+    a.reset(n if known else None, step_sizes(times) if known else None)
     for i, t in enumerate(times):
         d = a.decide(i, t)
         if d.compute:
