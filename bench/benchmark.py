@@ -319,6 +319,9 @@ def run_model(bench: Bench, steps_list: list[int], presets: list[str], peers: bo
             b.row(n, f"fewer steps UniPC ({c})", "fewer", lambda: b.pipe(b.unipc()), run_steps=c)
             if core_only:
                 continue
+            if preset == "balanced":  # the opt-in input gate (Policy.input_gate) on the preset: same plan
+                gated = policy.replace(input_gate=True)
+                b.row(n, f"TC-Padé {preset} + input gate", "tcpade-opt-in", lambda: b.pipe(b.euler(), gated))
             mask = r["schedule"]
             ablations = (("reuse", 0), ("taylor", 1), ("taylor", 2)) if preset == "balanced" else (("reuse", 0), ("taylor", 1))
             for method, order in ablations:

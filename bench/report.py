@@ -265,7 +265,8 @@ def plot(rows: list[dict], out: Path) -> None:
         groups[(r["model"], r["steps"])].append(r)
     keys = sorted(groups)
     fig, axes = plt.subplots(1, len(keys), figsize=(max(4.2 * len(keys), 8.0), 3.8), squeeze=False)
-    colors = {"tcpade": "tab:red", "tcpade+unipc": "tab:pink", "fewer": "tab:gray", "same-schedule": "tab:blue",
+    colors = {"tcpade": "tab:red", "tcpade+unipc": "tab:pink", "tcpade-opt-in": "tab:orange", "fewer": "tab:gray",
+              "same-schedule": "tab:blue",
               "fixed": "tab:cyan", "peer": "tab:green", "full": "black"}
     for ax, key in zip(axes[0], keys):
         for r in groups[key]:
