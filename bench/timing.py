@@ -40,6 +40,8 @@ def configuration(row: dict):
         return (euler if m[1] == "Euler" else unipc), None, int(m[2])
     if m := re.fullmatch(r"TC-Padé (\w+)( on UniPC)?", label):
         return (unipc if m[2] else euler), Policy.preset(m[1]), n
+    if m := re.fullmatch(r"TC-Padé (\w+) \+ input gate", label):
+        return euler, Policy.preset(m[1]).replace(input_gate=True), n
     if m := re.fullmatch(r"(reuse|Taylor-(\d)) on \w+ schedule", label):
         method, order = ("reuse", 0) if m[1] == "reuse" else ("taylor", int(m[2]))
         return euler, Policy(method=method, order=order, late_order=min(order, 1), schedule="explicit",
