@@ -222,6 +222,13 @@ def test_onnx_export_carries_the_gate_and_runs_as_the_pytorch_runtime(tmp_path):
     plain_folder = to_onnx(pipe, tmp_path / "plain", policy="balanced", check=False)
     with pytest.raises(ManifestMismatchError, match=r"input_gate: False \(export\) vs True \(requested\)"):
         load(plain_folder, policy=gated, allow_policy_change=True)
+    # a manifest whose policy says otherwise than its graphs is refused, whatever is requested
+    manifest = folder / "manifest.json"
+    edited = json.loads(manifest.read_text())
+    edited["policy"]["input_gate"] = False
+    manifest.write_text(json.dumps(edited))
+    with pytest.raises(ManifestMismatchError, match="but its graphs carry the input gate's tensors; re-export"):
+        load(folder)
 
 
 @pytest.mark.slow
