@@ -1044,9 +1044,8 @@ class TCPadeRuntime:
             found["modulation"] = pack.add("scaled", partials), pack.add(
                 "sum", torch.full((1,), float(count), device=residual.device))
         if stack_input is not None:
-            scratch = branch.gate if branch.gate is not None and branch.gate.shape[1:] == branch.ring.shape[1:] else None
             terms = input_gate_terms(branch.times, branch.ring, branch.inputs, time, prior=predicted,
-                                     slots=branch.slots, out=scratch)  # the predicted steps' buffer, free here
+                                     slots=branch.slots)
             predicted = input_gated_residual(predicted, terms, stack_input, per_sample=p.per_sample).to(predicted.dtype)
         found["error"] = pack.add("norm", relative_error_partials(residual, predicted, per_sample=p.per_sample))
         found["velocity"] = pack.add("norm", relative_error_partials(residual, branch.newest, per_sample=False))

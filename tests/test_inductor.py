@@ -128,46 +128,42 @@ def test_split_regions_shares_the_weights_and_groups_identical_blocks():
     assert len(regions) == 6 and not any(True for region in regions for _ in region.parameters())  # lifted
 
 
+def _compiled_run(pipe, kwargs, policy, backend):
+    """20 steps of ``pipe`` compiled with ``policy`` on ``backend`` (seed 0), then disabled: (output, stats)."""
+    from tcpade_fx.testing_pipelines import output_of
+
+    tcpade_fx.compile(pipe, policy=policy, backend=backend)
+    out = output_of(pipe(**kwargs, num_inference_steps=20, generator=torch.Generator().manual_seed(0)))
+    stats = pipe.tcpade.stats
+    tcpade_fx.disable(pipe)
+    return out, stats
+
+
 @pytest.mark.slow
 def test_inductor_runs_module_granularity_as_eager_does():
     """granularity="modules": the units compute/predict graphs compile once each and give the eager outputs."""
-    from tcpade_fx.testing_pipelines import output_of, tiny_pixart_pipeline
+    from tcpade_fx.testing_pipelines import tiny_pixart_pipeline
 
     pipe, kwargs = tiny_pixart_pipeline()
     policy = Policy.preset("balanced").replace(granularity="modules", method="taylor", modulate_denominator=False)
-
-    def run(backend):
-        tcpade_fx.compile(pipe, policy=policy, backend=backend)
-        out = output_of(pipe(**kwargs, num_inference_steps=20, generator=torch.Generator().manual_seed(0)))
-        stats = pipe.tcpade.stats
-        tcpade_fx.disable(pipe)
-        return out, stats
-
-    eager, eager_stats = run("eager")
-    compiled, stats = run("inductor")
+    eager, eager_stats = _compiled_run(pipe, kwargs, policy, "eager")
+    compiled, stats = _compiled_run(pipe, kwargs, policy, "inductor")
     assert stats.decisions() == eager_stats.decisions() and stats.predicted > 0
     assert stats.compiles == {"compute": 1, "predict": 1}, stats.summary()
     assert float((compiled - eager).norm() / eager.norm()) < 1e-3
 
 
+@pytest.mark.slow
 def test_inductor_runs_the_input_gate_as_eager_does():
     """Policy.input_gate: the gated graphs (compute returns the stack input, predict blends in the gate) compile once
     each and give the eager outputs, which the gate moved away from the ungated run."""
-    from tcpade_fx.testing_pipelines import output_of, tiny_pixart_pipeline
+    from tcpade_fx.testing_pipelines import tiny_pixart_pipeline
 
     pipe, kwargs = tiny_pixart_pipeline()
     gated = Policy.preset("balanced").replace(input_gate=True)
-
-    def run(backend, policy=gated):
-        tcpade_fx.compile(pipe, policy=policy, backend=backend)
-        out = output_of(pipe(**kwargs, num_inference_steps=20, generator=torch.Generator().manual_seed(0)))
-        stats = pipe.tcpade.stats
-        tcpade_fx.disable(pipe)
-        return out, stats
-
-    eager, eager_stats = run("eager")
-    plain, _ = run("eager", "balanced")
-    compiled, stats = run("inductor")
+    eager, eager_stats = _compiled_run(pipe, kwargs, gated, "eager")
+    plain, _ = _compiled_run(pipe, kwargs, "balanced", "eager")
+    compiled, stats = _compiled_run(pipe, kwargs, gated, "inductor")
     assert stats.decisions() == eager_stats.decisions() and stats.predicted > 0
     assert stats.compiles == {"compute": 1, "predict": 1}, stats.summary()
     assert float((compiled - eager).norm() / eager.norm()) < 1e-3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
-from ..passes.verify import eager_outputs, relative_difference
+from ..passes.verify import eager_outputs, neutral_gate, relative_difference
 
 
 def reference_outputs(module: torch.nn.Module, leaves: list, in_spec) -> list[torch.Tensor]:
@@ -53,3 +53,20 @@ def gated_predict_check(compute, predict, leaves: list, residual: torch.Tensor, 
         raise RuntimeError(f"the gated predict graph returned {len(got)} outputs, the PyTorch graph {len(want)}")
     return {"stack_input": relative_difference(want_input, stack_input.to(want_input.device)),
             "predict_gated": max(relative_difference(w, o.to(w.device)) for w, o in zip(want, got))}
+
+
+def exported_pair_errors(input_gate: bool, compute, predict, leaves: list, ref: list[torch.Tensor], run_compute,
+                         run_predict) -> dict[str, float]:
+    """Errors of an exported compute/predict pair on the call ``leaves``: :func:`graph_errors` against the
+    transformer's outputs ``ref`` (predict given the true residual, and with ``input_gate`` a neutral gate) and,
+    with ``input_gate``, :func:`gated_predict_check` against the captured ``compute``/``predict`` graphs.
+    ``run_compute()`` returns the exported compute graph's outputs, ``run_predict(*extra)`` the exported predict
+    graph's given its inputs beyond the call (the residual, and the gate)."""
+    got = list(run_compute())
+    stack_input = got.pop() if input_gate else None
+    *outs, residual = got
+    if not input_gate:
+        return graph_errors(ref, outs, run_predict(residual))
+    gated = gated_predict_check(compute, predict, leaves, residual, stack_input,
+                                lambda gate: run_predict(residual, gate))
+    return {**graph_errors(ref, outs, run_predict(residual, neutral_gate(residual))), **gated}

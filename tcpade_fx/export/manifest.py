@@ -188,11 +188,11 @@ def _graph_difference(exported: Policy, wanted: Policy) -> dict:
 
 def resolve_load_policy(manifest: dict, policy, allow_policy_change: bool) -> Policy:
     exported = _policy_from_fields(manifest.get("policy"))
-    if exported.input_gate != bool(manifest.get("call", {}).get("input_gate")):
+    carried = bool(manifest.get("call", {}).get("input_gate"))
+    if exported.input_gate != carried:
         raise ManifestMismatchError(
             f"the manifest's policy has input_gate={exported.input_gate} but its graphs "
-            + ("carry" if manifest.get("call", {}).get("input_gate") else "do not carry")
-            + " the input gate's tensors; re-export the folder"
+            + ("carry" if carried else "do not carry") + " the input gate's tensors; re-export the folder"
         )
     if policy is None:
         return exported

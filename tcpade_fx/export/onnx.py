@@ -45,9 +45,8 @@ from ..policy import Policy, resolve_policy
 from ..backends import TensorOnly
 from ..backends.onnxruntime import onnx_io, ort_session
 from ..passes.dynamic import BATCH, probe_size, resize_dims
-from ..passes.verify import neutral_gate
 from .capture import ExportCapture, capture_for_export
-from .checks import gated_predict_check, graph_errors, reference_outputs
+from .checks import exported_pair_errors, reference_outputs
 from .hashing import file_sha256, weights_sha256
 from .manifest import base_manifest, require_exportable_policy, write_manifest
 
@@ -69,8 +68,8 @@ def _export_one(cap: ExportCapture, which: str, path: Path, opset: int | None) -
             with contextlib.redirect_stdout(devnull):  # the exporter prints progress lines
                 program = torch.onnx.export(
                     wrapper, args, dynamo=True, input_names=input_names, output_names=output_names,
-                    dynamic_shapes=cap.dynamic_shapes(cap.export_dims(), residual=bool(extra),
-                                                      gate=len(extra) > 1),
+                    dynamic_shapes=cap.dynamic_shapes(cap.export_dims(), residual=which == "predict",
+                                                      gate=which == "predict" and cap.input_gate),
                     opset_version=opset, optimize=True, verbose=False,
                 )
     finally:
@@ -104,16 +103,9 @@ def _check(cap: ExportCapture, folder: Path, tolerance: float) -> dict:
         leaves = resize_dims(cap.leaves, cap.dynamic_axes, sizes) if sizes else cap.leaves
         ref = reference_outputs(cap.module, leaves, cap.in_spec)
         tensors = [leaves[i] for i in cap.tensor_positions]
-        got = _run(compute, names, tensors)
-        stack_input = got.pop() if cap.input_gate else None
-        *outs, residual = got
-        if cap.input_gate:  # the neutral gate steps with the residual itself; a drawn one checks the gate's ops
-            gated = gated_predict_check(cap.compute, cap.predict, leaves, residual, stack_input,
-                                        lambda gate: _run(predict, predict_names, tensors + [residual, gate]))
-            pred = _run(predict, predict_names, tensors + [residual, neutral_gate(residual)])
-        else:
-            gated, pred = {}, _run(predict, predict_names, tensors + [residual])
-        errs = {**graph_errors(ref, outs, pred), **gated}
+        errs = exported_pair_errors(cap.input_gate, cap.compute, cap.predict, leaves, ref,
+                                    lambda: _run(compute, names, tensors),
+                                    lambda *extra: _run(predict, predict_names, tensors + list(extra)))
         tokens = {n: v for n, v in sizes.items() if n != BATCH}
         report["batches"].append({"batch": size, **({"dims": tokens} if tokens else {}), **errs})
         if not max(errs.values()) <= tolerance:

@@ -41,13 +41,14 @@ from ..backends import GraphFile, TensorOnly
 from ..backends.tensorrt import (
     TensorRTEngineGraph, TensorRTUnavailableError, deserialize_engine, engine_io, require_tensorrt,
 )
-from ..passes.verify import neutral_gate
 from ..policy import Policy, resolve_policy
-from .capture import ExportCapture, capture_for_export
-from .checks import gated_predict_check, graph_errors, reference_outputs
+from .capture import GATE, RESIDUAL, ExportCapture, capture_for_export
+from .checks import exported_pair_errors, reference_outputs
 from .hashing import file_sha256, weights_sha256
 from .manifest import base_manifest, require_exportable_policy, write_manifest
 
+#: the batch axis of each graph input beyond the call
+EXTRA_BATCH_AXIS = {RESIDUAL: 0, GATE: 1}
 __all__ = ["TensorRTUnavailableError", "prepare_tensorrt_export", "require_tensorrt", "to_tensorrt"]
 
 
@@ -90,7 +91,7 @@ def prepare_tensorrt_export(
         args = [cap.leaves[i] for i in cap.tensor_positions] + extra
         # the batch axis: axis 0 of the batched leaves and of the residual, axis 1 of the gate's (4, *residual)
         axes = [0 if i in cap.batch_leaves else None for i in cap.tensor_positions]
-        axes += [k if cap.batch_leaves else None for k in range(len(extra))]
+        axes += [EXTRA_BATCH_AXIS[name] if cap.batch_leaves else None for name in extra_names]
         dynamic = (tuple(None if a is None else {a: dim} for a in axes),) if cap.batch_leaves else None
         with torch.no_grad():
             ep = torch.export.export(wrapper, tuple(args), strict=False, dynamic_shapes=dynamic)
@@ -195,16 +196,9 @@ def _check_engines(cap: ExportCapture, folder: Path, manifest: dict, tolerance: 
               for w in ("compute", "predict")}
     ref = reference_outputs(cap.module, cap.leaves, cap.in_spec)
     with torch.no_grad():
-        got = list(graphs["compute"](*cap.leaves))
-        stack_input = got.pop() if cap.input_gate else None
-        *outs, residual = got
-        if cap.input_gate:  # the neutral gate steps with the residual itself; a drawn one checks the gate's ops
-            gated = gated_predict_check(cap.compute, cap.predict, cap.leaves, residual, stack_input,
-                                        lambda gate: graphs["predict"](*cap.leaves, residual, gate))
-            pred = graphs["predict"](*cap.leaves, residual, neutral_gate(residual))
-        else:
-            gated, pred = {}, graphs["predict"](*cap.leaves, residual)
-    errs = {**graph_errors(ref, outs, pred), **gated}
+        errs = exported_pair_errors(cap.input_gate, cap.compute, cap.predict, cap.leaves, ref,
+                                    lambda: graphs["compute"](*cap.leaves),
+                                    lambda *extra: graphs["predict"](*cap.leaves, *extra))
     if not max(errs.values()) <= tol:
         raise RuntimeError(f"the TensorRT engines differ from the PyTorch transformer: {errs} (relative, allowed "
                            f"{tol:g}); the engines in {folder} are not usable (no manifest was written)")
