@@ -43,11 +43,17 @@ VARIANT = {"as given": "shipped", "stack Taylor-1": "stack Taylor-1", "modules T
 
 def variants(preset: str) -> list[tuple[str, Policy]]:
     """(variant, policy): calibrate's candidates for the preset (the preset as shipped first; the input gate among
-    them), and stack Taylor-2."""
+    them), stack Taylor-2, and the preset and stack Taylor-1 with and without ``gap_correction`` (the other setting
+    of the preset's)."""
     shipped = Policy.preset(preset)
     taylor2 = shipped.replace(method="taylor", modulate_denominator=False, order=2, late_order=2,
-                              history_size=max(3, shipped.history_size))
-    return [(VARIANT[name], policy) for name, policy in calibration_candidates(shipped)] + [("stack Taylor-2", taylor2)]
+                              history_size=max(3, shipped.history_size), gap_correction=0.0)
+    taylor1 = shipped.replace(method="taylor", modulate_denominator=False, input_gate=False)
+    flip = 0.0 if shipped.gap_correction else 1.0
+    word = "without gap correction" if shipped.gap_correction else "gap correction"
+    return ([(VARIANT[name], policy) for name, policy in calibration_candidates(shipped)]
+            + [("stack Taylor-2", taylor2), (word, shipped.replace(gap_correction=flip)),
+               (f"stack Taylor-1, {word}", taylor1.replace(gap_correction=flip))])
 
 
 def row_label(preset: str, variant: str) -> str:

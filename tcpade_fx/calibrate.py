@@ -49,12 +49,13 @@ def calibration_candidates(policy: Policy) -> list[tuple[str, Policy]]:
     found = [
         ("as given", policy),
         ("stack Taylor-1", policy.replace(**taylor)),
-        ("modules Taylor-1", policy.replace(granularity="modules", **taylor)),
-        ("modules, its numerics", policy.replace(granularity="modules", input_gate=False)),
+        ("modules Taylor-1", policy.replace(granularity="modules", gap_correction=0.0, **taylor)),
+        ("modules, its numerics", policy.replace(granularity="modules", input_gate=False, gap_correction=0.0)),
     ]
     if policy.granularity == "stack" and policy.history_size >= 3:
         found.append(("without input gate" if policy.input_gate else "input gate",
-                      policy.replace(input_gate=not policy.input_gate)))
+                      policy.replace(input_gate=not policy.input_gate,
+                                     gap_correction=policy.gap_correction if policy.input_gate else 0.0)))
     return found
 
 

@@ -196,6 +196,25 @@ def _time_grids(scheduler) -> list[list[float]]:
     return grids
 
 
+def euler_sigmas(scheduler) -> list[float] | None:
+    """σ_0..σ_N of a sampler whose step is ``x + (σ_{k+1} − σ_k)·output`` (``Policy.gap_correction`` corrects such
+    steps): diffusers' ``FlowMatchEulerDiscreteScheduler`` with decreasing sigmas and without stochastic sampling.
+    None for any other scheduler (a multistep solver reuses its outputs in later steps, a stochastic one adds
+    noise): the correction is then not applied, with a note."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = getattr(scheduler, "config", {}) or {}
+    sigmas = getattr(scheduler, "sigmas", None)
+    if (not isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or config.get("stochastic_sampling")
+            or config.get("invert_sigmas") or not isinstance(sigmas, torch.Tensor)
+            or sigmas.numel() != len(scheduler.timesteps) + 1):
+        return None
+    values = sigmas.double().reshape(-1).tolist()
+    if any(b > a for a, b in zip(values, values[1:])):
+        return None
+    return values
+
+
 def _scheduler_step_index(scheduler) -> int | None:
     """The index of the step the scheduler is at (None where it does not say, e.g. before its first step)."""
     for name in ("step_index", "begin_index"):
@@ -260,7 +279,8 @@ def _pipeline_class_with_reset(cls: type) -> type:
                 stochastic = stochastic_sampler(scheduler)
                 for runtime in runtimes:
                     runtime.begin(num_steps=len(scheduler.timesteps), schedule=_time_grids(scheduler),
-                                  step_index=lambda: _scheduler_step_index(scheduler))
+                                  step_index=lambda: _scheduler_step_index(scheduler),
+                                  euler_sigmas=euler_sigmas(scheduler), sampler=type(scheduler).__name__)
                     if stochastic:
                         runtime.stats.notes.append(
                             f"stochastic sampler ({stochastic}): each step's fresh noise is not in the residual "

@@ -502,6 +502,55 @@ def input_gated_residual(prior: Tensor, gate: Tensor, stack_input: Tensor, *, pe
     return out.reshape(prior.shape)
 
 
+#: Nodes of the interpolant that re-estimates a gap's integral once its far end is computed: the two newest
+#: computed residuals before the gap and the one that ends it (quadratic; measured against 2 in bench/ADAPTIVE_STUDY.md
+#: section 12).
+GAP_NODES = 3
+
+
+def gap_integral_weights(node_times: Sequence[float], gap_times: Sequence[float],
+                         gap_weights: Sequence[float]) -> list[float]:
+    """Weights ``W_j`` such that ``Σ_j W_j R_j = Σ_k g_k I(t_k)``, ``I`` the polynomial interpolating the residuals
+    ``R_j`` at ``node_times`` and ``g_k`` = ``gap_weights`` at ``gap_times``: the weighted sum of what a gap's steps
+    would have stepped with, re-estimated by interpolation once the computed step that ends the gap is known.
+    Exact for residuals that are polynomials of degree below ``len(node_times)`` in time.
+
+    Host arithmetic in float64 on times shifted and scaled to the nodes' span (any time units)."""
+    nodes = [float(t) for t in node_times]
+    if len(nodes) < 1 or len(set(nodes)) != len(nodes):
+        raise ValueError(f"gap_integral_weights needs distinct node times, got {nodes}")
+    if len(gap_times) != len(gap_weights):
+        raise ValueError(f"got {len(gap_times)} gap times for {len(gap_weights)} weights")
+    origin, span = nodes[-1], max(abs(t - nodes[-1]) for t in nodes) or 1.0
+    x = [(t - origin) / span for t in nodes]
+    out = [0.0] * len(x)
+    for t, g in zip(gap_times, gap_weights):
+        u = (float(t) - origin) / span
+        for j, xj in enumerate(x):
+            basis = 1.0
+            for i, xi in enumerate(x):
+                if i != j:
+                    basis *= (u - xi) / (xj - xi)
+            out[j] += float(g) * basis
+    return out
+
+
+def gap_corrected_residual(residual: Tensor, stepped: Tensor, nodes: Sequence[Tensor], weights: Sequence[float],
+                           scale: float, *, out: Tensor | None = None) -> Tensor:
+    """The residual a computed step steps with to cancel, to first order, the integral error of the predicted steps
+    before it: ``residual − scale · (stepped − Σ_j W_j nodes_j)``. ``stepped``: ``Σ_k g_k R̂_k`` over the gap's
+    predictions (what its steps stepped with), ``weights``: :func:`gap_integral_weights` for ``nodes`` (the newest
+    computed residuals, ``residual`` last); ``scale``: the correction's strength over the computed step's own
+    weight (``κ / g_c``). Float32 arithmetic, the result in ``residual``'s dtype (into ``out`` where given)."""
+    miss = stepped.float().reshape(residual.shape).clone()
+    for w, node in zip(weights, nodes):
+        miss.sub_(node.float().reshape(residual.shape), alpha=float(w))
+    corrected = torch.sub(residual.float(), miss, alpha=float(scale))
+    if out is None:
+        return corrected.to(residual.dtype)
+    return out.copy_(corrected)
+
+
 def _require_finite_history(residuals: Sequence[Tensor]) -> None:
     if torch.compiler.is_compiling():  # traced: no data-dependent branch (the runtime checks its history itself)
         return

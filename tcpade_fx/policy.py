@@ -63,6 +63,17 @@ class Policy:
             the gate's terms; exports carry both, and a loader refuses to switch the gate or ``per_sample`` on graphs
             built otherwise). Needs ``granularity="stack"`` and ``history_size >= 3``; not with context parallelism
             (refused, saying so). Measured in bench/ADAPTIVE_STUDY.md section 10.
+        gap_correction: κ ≥ 0 (0: off). A gap's predicted steps moved the sample by ``Σ_k h_k R̂_k``; once the
+            computed step that ends the gap is known, the same sum over the interpolant of the newest
+            :data:`~tcpade_fx.pade.GAP_NODES` computed residuals re-estimates it, and the computed step steps with
+            its residual minus κ times the difference over its own step (the history keeps the residual itself),
+            cancelling the gap's integral error to first order. Each step's share is weighted by how much of an
+            error made at noise level σ_k is still in the sample at σ_c (σ_c / σ_k: a flow sampler contracts errors
+            off the data at that rate). Needs a sampler whose step is ``x + (σ_next − σ)·output``
+            (FlowMatchEulerDiscreteScheduler without stochastic sampling, driven by a pipeline); with any other, or
+            a bare transformer, it is not applied, with a note. Skipped where the interpolant would reach into the
+            early stage. The computed step runs the predict graph once more (the tail on the corrected residual).
+            Needs ``granularity="stack"``, not with ``input_gate``. Measured: bench/ADAPTIVE_STUDY.md section 12.
         modulation_smoothing: weight of the newest μ in its running value (1: the newest alone; 0.5 measured better
             on average, bench/modulation_variants.py).
         lambda_min: lower bound of the damping λ applied when the a-posteriori error rises.
@@ -115,6 +126,7 @@ class Policy:
     modulate_denominator: bool = True
     modulation_smoothing: float = 0.5
     input_gate: bool = False
+    gap_correction: float = 0.0
     lambda_min: float = 0.5
     rise_factor: float = 2.0
     error_smoothing: float = 0.5
@@ -205,6 +217,19 @@ class Policy:
             problems.append("input_gate=True needs granularity='stack' (the gate fits the block stack's input)")
         elif self.input_gate and self.history_size < 3:
             problems.append(f"input_gate=True fits over 3 computed steps: raise history_size={self.history_size} to 3")
+        if not (isinstance(self.gap_correction, (int, float)) and not isinstance(self.gap_correction, bool)
+                and math.isfinite(self.gap_correction) and 0.0 <= self.gap_correction <= 2.0):
+            problems.append(f"gap_correction={self.gap_correction!r} must be a number in [0, 2] (1: first-order "
+                            "cancellation, 0: off)")
+        elif self.gap_correction and self.granularity != "stack":
+            problems.append("gap_correction needs granularity='stack' (it corrects the block stack's residual): set "
+                            "gap_correction=0 for granularity='modules'")
+        elif self.gap_correction and self.input_gate:
+            problems.append("gap_correction and input_gate do not combine (the gate moves the prediction inside the "
+                            "predict graph, where the gap's sum cannot see it): set one of them off")
+        elif self.gap_correction and self.history_size < 2:
+            problems.append(f"gap_correction interpolates over computed steps: raise history_size={self.history_size} "
+                            "to 2 or more")
         if not problems and self.early_end > self.late_start:
             problems.append(f"early_end={self.early_end} must not exceed late_start={self.late_start}")
         if self.schedule == "explicit" and (not isinstance(self.mask, str) or set(self.mask) - {"C", "."}):

@@ -38,6 +38,7 @@ time off each call's ``timestep``: one read per call more.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -50,7 +51,8 @@ from .backends import get_backend
 from .backends.registry import dtype_name
 from .controller import StepController
 from .distributed import DivergedDecisionError, ParallelContext, UnsupportedParallelismError, parallel_context
-from .pade import (LOCAL, StatPack, StatReducer, denominator_partials, extrapolate_stacked, input_gate_terms,
+from .pade import (GAP_NODES, LOCAL, StatPack, StatReducer, denominator_partials, extrapolate_stacked,
+                   gap_corrected_residual, gap_integral_weights, input_gate_terms,
                    input_gated_residual, modulation_from, modulation_partials, nonfinite_partial, relative_error_from,
                    relative_error_partials, replace_nonfinite_)
 from .model_state import ModelFingerprint, model_fingerprint
@@ -77,6 +79,7 @@ class StepRecord:
     error_estimate: float | None
     check_error: float | None  # computed steps: relative error the prediction would have had here
     context: str | None = None  # the pipeline's cache_context name of the call ("cond", "uncond"), if any
+    gap_corrected: bool = False  # computed steps: stepped with the gap-corrected residual (Policy.gap_correction)
 
 
 @dataclass
@@ -192,6 +195,11 @@ class Branch:
     modulation_mean: float = 1.0  # its batch mean, for the stats (read once per fit, not once per predicted step)
     signature: Any = None  # the input signature its history was computed with
     check_errors: list[float] = field(default_factory=list)  # the newest checked errors (jump detection)
+    steps: list[int] = field(default_factory=list)  # the history's step indices, as ``times``
+    # Policy.gap_correction: Σ g_k R̂_k over the predicted steps since the newest computed one (float32, a residual's
+    # shape) and their (time, g_k)
+    gap_sum: torch.Tensor | None = None
+    gap: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def has_history(self) -> bool:
@@ -217,7 +225,8 @@ class Branch:
         """The stack inputs at the history's steps (``Policy.input_gate``), oldest first, as :attr:`stacked`."""
         return self.inputs[self.slots] if self.slots and self.inputs is not None else None
 
-    def push(self, time: float, residual: torch.Tensor, keep: int, stack_input: torch.Tensor | None = None) -> None:
+    def push(self, time: float, residual: torch.Tensor, keep: int, stack_input: torch.Tensor | None = None,
+             step: int = -1) -> None:
         rows = residual.shape[0] if self.per_sample and residual.dim() > 0 else 1
         dtype = self.history_dtype or residual.dtype
         if (self.ring is None or tuple(residual.shape) != self.shape or self.ring.shape[0] != keep
@@ -230,6 +239,7 @@ class Branch:
                          if stack_input is not None else None)
             self.slots = []
             self.times = []
+            self.steps = []
         if len(self.slots) < keep:
             slot = next(k for k in range(keep) if k not in self.slots)
         else:
@@ -239,12 +249,26 @@ class Branch:
             self.inputs[slot].copy_(stack_input.reshape(rows, -1))
         self.slots.append(slot)
         self.times = self.times[-(keep - 1):] + [time] if keep > 1 else [time]
+        self.steps = self.steps[-(keep - 1):] + [step] if keep > 1 else [step]
         self.shape = tuple(residual.shape)
+        self.gap = []
+
+    def add_to_gap(self, time: float, weight: float, residual: torch.Tensor) -> None:
+        """Policy.gap_correction: a predicted step stepped with ``residual``, weighted ``weight`` in the gap's sum."""
+        if self.gap_sum is None or self.gap_sum.shape != residual.shape or self.gap_sum.device != residual.device:
+            self.gap_sum = torch.empty(residual.shape, dtype=torch.float32, device=residual.device)
+        if self.gap:
+            self.gap_sum.add_(residual, alpha=weight)
+        else:
+            torch.mul(residual.float(), weight, out=self.gap_sum)
+        self.gap.append((time, weight))
 
     def clear_history(self) -> None:
         """Forget the residuals (and the controller's error state); the step count, plan and buffers stay."""
         self.times = []
+        self.steps = []
         self.slots = []
+        self.gap = []
         self.modulation, self.modulation_mean = 1.0, 1.0
         self.check_errors = []
         self.controller.clear_history()
@@ -373,6 +397,7 @@ class TCPadeRuntime:
         self._aliases: dict[Any, Any] = {}  # exact signature -> key of the graph set that runs it
         self._current_signature: Any = None
         self._num_steps: int | None = None
+        self._euler_sigmas: list[float] | None = None  # Policy.gap_correction: σ_0..σ_N of a one-step Euler sampler
         self._driven = False
         self._time_grids: list[_TimeGrid] = []
         self._step_index: Callable[[], int | None] | None = None
@@ -406,6 +431,8 @@ class TCPadeRuntime:
         *,
         schedule: Sequence[Sequence[float]] | None = None,
         step_index: Callable[[], int | None] | None = None,
+        euler_sigmas: Sequence[float] | None = None,
+        sampler: str | None = None,
     ) -> None:
         """Start a new trajectory of ``num_steps`` steps (pipelines call this); resets histories and stats.
 
@@ -417,6 +444,10 @@ class TCPadeRuntime:
         per step (the scheduler's sigmas, its timesteps): when the model receives its timestep in float16 or
         bfloat16, whose rounding would distort the gaps between steps or even merge two steps, the time used is
         the first candidate that the received values follow up to that rounding, scaled to the model's units.
+
+        ``euler_sigmas``: σ_0..σ_N of a sampler whose step is ``x + (σ_{k+1} − σ_k)·output`` (what
+        ``Policy.gap_correction`` needs; :func:`tcpade_fx.integration.euler_sigmas`); ``sampler`` names the
+        scheduler for the note where it has none.
         """
         self.reset()
         # notes taken since the last begin() with no call in between (a pipeline begins twice) carry over
@@ -433,6 +464,12 @@ class TCPadeRuntime:
         self._driven = schedule is not None
         self._time_grids = [_TimeGrid([float(v) for v in grid]) for grid in schedule or ()]
         self._step_index = step_index
+        self._euler_sigmas = [float(v) for v in euler_sigmas] if euler_sigmas is not None else None
+        if self.policy.gap_correction and self._driven and self._euler_sigmas is None:
+            self._stats.notes.append(
+                f"Policy.gap_correction is not applied: the scheduler ({sampler or 'unknown'}) is not a one-step Euler "
+                "sampler (x + (σ_next − σ)·output, e.g. FlowMatchEulerDiscreteScheduler without stochastic sampling), "
+                "so a gap's integral error cannot be cancelled on the computed step; the predictions are as without it")
 
     def follow_model(self) -> bool:
         """Compare the model with what the graphs were captured from (:mod:`tcpade_fx.model_state`); when it
@@ -897,6 +934,8 @@ class TCPadeRuntime:
             # residual's (always finite), reported at the next read
             rows = replace_nonfinite_(residual, branch.newest, per_sample=p.per_sample)
             self._pending_fallbacks.append(_PendingFallback(step, branch.index, len(self._stats.records), rows))
+            if p.gap_correction:
+                self._add_to_gap(branch, step, time, residual)
             if p.input_gate:
                 gate = input_gate_terms(branch.times, branch.ring, branch.inputs, time, prior=residual,
                                         slots=branch.slots, out=branch.gate)
@@ -959,8 +998,11 @@ class TCPadeRuntime:
         if check_error is not None:
             branch.check_errors = branch.check_errors[-4:] + [check_error]
         branch.controller.record_compute(step, time, check_error, velocity)
-        branch.push(time, residual, p.history_size, stack_input)
-        self._record(**record, check_error=check_error, computed=True)
+        corrected = self._gap_corrected(branch, step, time, residual) if restarted is None else None
+        if corrected is not None:
+            out = graphs.predict(*leaves, corrected)
+        branch.push(time, residual, p.history_size, stack_input, step=step)
+        self._record(**record, check_error=check_error, computed=True, gap_corrected=corrected is not None)
         return out
 
     def _agree_on_decision(self, branch: Branch, decision, time: float, order: int, batch: int):
@@ -1076,9 +1118,53 @@ class TCPadeRuntime:
             branch.modulation, branch.modulation_mean = check["fitted"], values[2]
         return check_error, velocity
 
-    def _record(self, step, branch, context, time, decision, check_error=None, computed=False, modulation=None):
+    def _record(self, step, branch, context, time, decision, check_error=None, computed=False, modulation=None,
+                gap_corrected=False):
         self._stats.records.append(StepRecord(
             step=step, branch=branch, time=time, computed=computed, stage=decision.stage, reason=decision.reason,
             order=decision.order, damping=decision.damping, modulation=modulation,
             error_estimate=decision.error_estimate, check_error=check_error, context=context,
+            gap_corrected=gap_corrected,
         ))
+
+    # -- Policy.gap_correction -------------------------------------------------------------------------------
+    def _gap_weight(self, step: int) -> float | None:
+        """A step's weight in a gap's sum, ``(σ_{k+1} − σ_k) / σ_k``: its step length times the share of an error
+        made at σ_k still in the sample at the computed step (σ_c / σ_k, the σ_c applied there); None where the
+        sampler's noise levels are not known for the step."""
+        sig = self._euler_sigmas
+        if sig is None or not 0 <= step < len(sig) - 1 or not sig[step] > 0:
+            return None
+        return (sig[step + 1] - sig[step]) / sig[step]
+
+    def _add_to_gap(self, branch: Branch, step: int, time: float, residual: torch.Tensor) -> None:
+        weight = self._gap_weight(step)
+        if weight is not None:
+            branch.add_to_gap(time, weight, residual)
+        elif self._euler_sigmas is not None:
+            branch.gap.append((time, math.nan))  # a step outside the sampler's noise levels: this gap stays as it is
+        elif not self._driven:
+            note = ("Policy.gap_correction is not applied: a bare transformer call has no sampler whose steps it "
+                    "could correct (call it through a diffusers pipeline, or set gap_correction=0)")
+            if note not in self._stats.notes:
+                self._stats.notes.append(note)
+
+    def _gap_corrected(self, branch: Branch, step: int, time: float, residual: torch.Tensor) -> torch.Tensor | None:
+        """The residual this computed step steps with under Policy.gap_correction (None: its own, uncorrected):
+        where predicted steps precede it, its residual minus κ / g_c times their sum's miss against the interpolant
+        of the newest computed residuals and this one (:func:`~tcpade_fx.pade.gap_corrected_residual`), written
+        into the branch's prediction buffer. Not where the interpolant's older nodes lie in the early stage."""
+        p = self.policy
+        gap, branch.gap = branch.gap, []
+        older = GAP_NODES - 1
+        g_c = self._gap_weight(step)
+        if (not gap or not p.gap_correction or not g_c or len(branch.times) < older
+                or not all(math.isfinite(g) for _, g in gap)):
+            return None
+        n = self._num_steps
+        if n is not None and n > 1 and min(branch.steps[-older:]) / (n - 1) < p.early_end:
+            return None
+        weights = gap_integral_weights([*branch.times[-older:], time], [t for t, _ in gap], [g for _, g in gap])
+        nodes = [branch.ring[slot] for slot in branch.slots[-older:]] + [residual]
+        return gap_corrected_residual(residual, branch.gap_sum, nodes, weights, p.gap_correction / g_c,
+                                      out=branch.prediction)

@@ -1,0 +1,207 @@
+"""Policy.gap_correction: a gap's integral error cancelled on the computed step that ends it.
+
+Numerics (tcpade_fx.pade.gap_integral_weights / gap_corrected_residual) as hypothesis properties; then the runtime on
+tiny diffusers pipelines (where it applies, where it refuses or notes), and one quality check on a trained model on
+seeds no study chose with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tcpade_fx
+from tcpade_fx import Policy
+from tcpade_fx.pade import gap_corrected_residual, gap_integral_weights
+
+FAST = settings(max_examples=80, deadline=None)
+
+
+@st.composite
+def nodes_and_gap(draw):
+    """2–4 distinct node times (either direction, any scale and offset) and 1–5 gap times with weights."""
+    n = draw(st.integers(2, 4))
+    h = 10.0 ** draw(st.floats(-3.0, 3.0))
+    sign = draw(st.sampled_from([-1.0, 1.0]))
+    start = draw(st.floats(-1e3, 1e3))
+    steps = [h * draw(st.floats(0.2, 1.0)) for _ in range(n - 1)]
+    nodes = [start + sign * sum(steps[:i]) for i in range(n)]
+    lo, hi = min(nodes), max(nodes)
+    gap = [draw(st.floats(lo, hi)) for _ in range(draw(st.integers(1, 5)))]
+    weights = [draw(st.floats(-2.0, 2.0)) for _ in gap]
+    return nodes, gap, weights
+
+
+@FAST
+@given(nodes_and_gap(), st.data())
+def test_weights_sum_polynomials_below_the_node_count_exactly(case, data):
+    nodes, gap, weights = case
+    coefficients = [data.draw(st.floats(-3.0, 3.0)) for _ in nodes]  # degree len(nodes) - 1
+    origin, span = nodes[-1], max(abs(t - nodes[-1]) for t in nodes)
+
+    def poly(t):
+        u = (t - origin) / span
+        return sum(c * u**k for k, c in enumerate(coefficients))
+
+    W = gap_integral_weights(nodes, gap, weights)
+    got = sum(w * poly(t) for w, t in zip(W, nodes))
+    want = sum(g * poly(t) for g, t in zip(weights, gap))
+    scale = sum(abs(g) for g in weights) * sum(abs(c) for c in coefficients) + 1e-12
+    assert math.isclose(got, want, rel_tol=1e-7, abs_tol=1e-7 * scale)
+
+
+@FAST
+@given(nodes_and_gap())
+def test_weights_at_the_nodes_themselves_pick_the_node(case):
+    nodes, _, _ = case
+    W = gap_integral_weights(nodes, [nodes[1]], [2.5])
+    assert [round(w, 9) for w in W] == [2.5 if j == 1 else 0.0 for j in range(len(nodes))]
+
+
+def test_weights_refuse_repeated_nodes_and_mismatched_gaps():
+    with pytest.raises(ValueError, match="distinct"):
+        gap_integral_weights([1.0, 1.0, 0.5], [0.8], [1.0])
+    with pytest.raises(ValueError, match="gap times"):
+        gap_integral_weights([1.0, 0.5], [0.8, 0.7], [1.0])
+
+
+@FAST
+@given(nodes_and_gap(), st.integers(1, 3), st.integers(1, 30), st.floats(-3, 3), st.integers(0, 2**31 - 1))
+def test_corrected_residual_is_the_residual_when_the_gap_stepped_with_the_interpolant(case, rows, width, log_scale,
+                                                                                      seed):
+    """A gap whose predictions lay on the interpolant needs no correction; a miss moves the residual by −scale·miss,
+    linearly, whatever the dtype of the residual."""
+    nodes_t, gap, weights = case
+    g = torch.Generator().manual_seed(seed)
+    nodes = [torch.randn(rows, width, generator=g) * 10.0**log_scale for _ in nodes_t]
+    W = gap_integral_weights(nodes_t, gap, weights)
+    on_interpolant = sum(w * r for w, r in zip(W, nodes))
+    residual = nodes[-1]
+    same = gap_corrected_residual(residual, on_interpolant, nodes, W, 1.7)
+    tol = 1e-5 * float(sum(abs(w) for w in W) * nodes[0].abs().max() + residual.abs().max()) + 1e-30
+    assert float((same - residual).abs().max()) <= tol
+    miss = torch.randn(rows, width, generator=g) * 10.0**log_scale
+    moved = gap_corrected_residual(residual, on_interpolant + miss, nodes, W, 0.5)
+    assert float((moved - (residual - 0.5 * miss)).abs().max()) <= tol + 1e-5 * float(miss.abs().max())
+    out = torch.empty(rows, width, dtype=torch.bfloat16)
+    into = gap_corrected_residual(residual.bfloat16(), on_interpolant, nodes, W, 0.0, out=out)
+    assert into is out and torch.equal(out, residual.bfloat16())
+
+
+def test_policy_refuses_a_gap_correction_it_cannot_run():
+    for bad in (-0.1, 2.5, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="gap_correction"):
+            Policy(gap_correction=bad)
+    with pytest.raises(ValueError, match="granularity='stack'"):
+        Policy(gap_correction=1.0, granularity="modules", method="taylor", modulate_denominator=False)
+    with pytest.raises(ValueError, match="input_gate"):
+        Policy(gap_correction=1.0, input_gate=True)
+    assert Policy(gap_correction=0.5).gap_correction == 0.5
+
+
+# -- the runtime on tiny pipelines -----------------------------------------------------------------------------
+pytest.importorskip("transformers", reason="diffusers imports transformers for the Wan and Flux pipelines")
+
+
+def _run(pipe, kwargs, steps: int):
+    from tcpade_fx.testing_pipelines import output_of
+
+    return output_of(pipe(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)))
+
+
+def test_on_an_euler_flow_pipeline_it_corrects_computed_steps_after_gaps_only():
+    """Wan (two guidance calls per step, FlowMatchEuler shift 3): the schedule is the uncorrected policy's, the
+    computed steps that end a gap past the early stage step with the corrected residual, nothing else changes."""
+    from tcpade_fx.testing_pipelines import tiny_wan_pipeline
+
+    pipe, kwargs = tiny_wan_pipeline()
+    reference = _run(pipe, kwargs, 16)
+    tcpade_fx.compile(pipe, policy="balanced")
+    plain = _run(pipe, kwargs, 16)
+    plain_decisions = {c: pipe.tcpade.stats.decisions(c) for c in ("cond", "uncond")}
+    tcpade_fx.compile(pipe, policy=Policy.preset("balanced").replace(gap_correction=1.0))
+    corrected = _run(pipe, kwargs, 16)
+    stats = pipe.tcpade.stats
+    assert {c: stats.decisions(c) for c in ("cond", "uncond")} == plain_decisions
+    assert bool(torch.isfinite(corrected).all()) and not torch.equal(corrected, plain)
+    by_step = {}
+    for r in stats.records:
+        by_step.setdefault(r.branch, []).append(r)
+    early = Policy.preset("balanced").early_end * 15
+    for records in by_step.values():
+        flags = "".join("C" if r.computed else "." for r in records)
+        for i, r in enumerate(records):
+            after_gap = r.computed and i > 0 and flags[i - 1] == "."
+            older = [q.step for q in records[:i] if q.computed][-2:]
+            expected = after_gap and len(older) == 2 and min(older) >= early
+            assert r.gap_corrected == expected, (i, flags)
+        assert any(r.gap_corrected for r in records)
+    rel = lambda a: float((a - reference).norm() / reference.norm())  # noqa: E731
+    assert rel(corrected) < 3 * rel(plain) + 1e-3  # random weights: it must not wreck the run either
+
+
+def test_full_policy_and_zero_correction_leave_the_run_as_it_was():
+    from tcpade_fx.testing_pipelines import tiny_flux_pipeline
+
+    pipe, kwargs = tiny_flux_pipeline()
+    tcpade_fx.compile(pipe, policy="balanced")
+    plain = _run(pipe, kwargs, 12)
+    tcpade_fx.compile(pipe, policy=Policy.preset("balanced").replace(gap_correction=0.0))
+    assert torch.equal(_run(pipe, kwargs, 12), plain)
+    reference = _run(tcpade_fx.disable(pipe) or pipe, kwargs, 12)
+    tcpade_fx.compile(pipe, policy=Policy.preset("full").replace(gap_correction=1.0))
+    got = _run(pipe, kwargs, 12)
+    assert float((got - reference).norm() / reference.norm()) < 1e-4
+    assert not any(r.gap_corrected for r in pipe.tcpade.stats.records)
+
+
+def test_another_sampler_or_a_bare_transformer_gets_the_uncorrected_run_and_a_note():
+    from diffusers import UniPCMultistepScheduler
+
+    from tcpade_fx.testing import tiny_flux
+    from tcpade_fx.testing_pipelines import tiny_flux_pipeline
+
+    pipe, kwargs = tiny_flux_pipeline()
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True)
+    tcpade_fx.compile(pipe, policy="balanced")
+    plain = _run(pipe, kwargs, 12)
+    tcpade_fx.compile(pipe, policy=Policy.preset("balanced").replace(gap_correction=1.0))
+    assert torch.equal(_run(pipe, kwargs, 12), plain)
+    notes = pipe.tcpade.stats.notes
+    assert any("gap_correction is not applied" in n and "UniPCMultistepScheduler" in n for n in notes)
+
+    model, kw = tiny_flux(batch=1, image_tokens=16, text_tokens=8)
+    tcpade_fx.compile(model, policy=Policy.preset("balanced").replace(gap_correction=1.0))
+    with torch.no_grad():
+        for t in torch.linspace(1.0, 0.05, 12):
+            model(**dict(kw, timestep=t.reshape(1)))
+    stats = model.tcpade.stats
+    assert "." in stats.decisions(0) and not any(r.gap_corrected for r in stats.records)
+    assert any("bare transformer call" in n for n in stats.notes)
+
+
+@pytest.mark.slow
+def test_on_a_trained_model_at_fifty_steps_the_correction_is_closer_to_the_full_run():
+    """mnist-flux, 50 steps, "balanced", 8 samples of seeds no study chose with (7100..7107): with the correction the
+    samples are closer to the full run (bench/ADAPTIVE_STUDY.md section 12 measured +5.8 dB on 16 other seeds)."""
+    from tcpade_fx import metrics, models
+
+    seeds = list(range(7100, 7108))
+    labels, latents = [s % 10 for s in seeds], metrics.seeded_latents(seeds)
+
+    def images(pipe):
+        with torch.no_grad():
+            return pipe(labels, latents=latents, num_inference_steps=50, guidance_scale=1.5, output_type="pt").images
+
+    full = images(models.load("mnist-flux"))
+    pipes = {k: models.load("mnist-flux") for k in (0.0, 1.0)}
+    got = {}
+    for k, pipe in pipes.items():
+        tcpade_fx.compile(pipe, policy=Policy.preset("balanced").replace(gap_correction=k))
+        got[k] = float(metrics.psnr(full, images(pipe)))
+    assert pipes[1.0].tcpade.stats.compute_fraction < 0.45
+    assert got[1.0] > got[0.0] + 1.0, got
