@@ -39,7 +39,7 @@ def error_controlled():
 #: name -> (pipeline, context-parallel kind, enable_parallelism before compile?, policies run in turn, reducer)
 SCENARIOS = {
     "flux_ulysses_error": ("flux", "ulysses", True, ("error",), None),
-    "flux_ring_presets": ("flux", "ring", False, ("balanced", "quality"), None),
+    "flux_ring_presets": ("flux", "ring", False, ("balanced", "quality", "gap"), None),
     "wan_ulysses_fast": ("wan", "ulysses", True, ("fast", "modules"), None),
     "flux_ulysses_per_process": ("flux", "ulysses", True, ("error",), "per_process"),
 }
@@ -59,8 +59,15 @@ def forecast_modules():
     return tcpade_fx.Policy.preset("fast").replace(granularity="modules", method="taylor", modulate_denominator=False)
 
 
+def gap_corrected():
+    """"balanced" with Policy.gap_correction: the corrected computed steps are elementwise on each process's tokens."""
+    import tcpade_fx
+
+    return tcpade_fx.Policy.preset("balanced").replace(gap_correction=1.0)
+
+
 def policy_of(name: str):
-    return {"error": error_controlled, "modules": forecast_modules}.get(name, lambda: name)()
+    return {"error": error_controlled, "modules": forecast_modules, "gap": gap_corrected}.get(name, lambda: name)()
 
 
 def run_pipeline(pipe, kwargs, policy_name: str | None):
@@ -92,7 +99,8 @@ def graph_collectives(runtime) -> dict:
 
 def records(stats) -> list[dict]:
     return [{"step": r.step, "branch": r.branch, "context": r.context, "computed": r.computed, "reason": r.reason,
-             "error_estimate": r.error_estimate, "check_error": r.check_error} for r in stats.records]
+             "error_estimate": r.error_estimate, "check_error": r.check_error, "gap_corrected": r.gap_corrected}
+            for r in stats.records]
 
 
 def total_cost() -> dict:

@@ -91,6 +91,9 @@ def test_context_parallel_decisions_and_latents_are_the_single_process_run(resul
     assert torch.equal(lat0[policy], lat1[policy])  # the gathered output is the same on both processes
     assert (lat0[policy] - latents).abs().max() <= 1e-4
     assert any("context parallel" in n for n in run0["notes"])
+    if policy == "gap":  # Policy.gap_correction applied on every process alike
+        corrected = [[r["gap_corrected"] for r in run["records"]] for run in (run0, run1)]
+        assert corrected[0] == corrected[1] and any(corrected[0])
     # tcpade_fx's own collectives: two per computed call (the decision + fit, the check), one per predicted call
     # (the decision + fit: a prediction's finiteness is handled on each process's own share), one per capture
     captures = 1
