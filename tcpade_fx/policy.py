@@ -73,7 +73,9 @@ class Policy:
             (FlowMatchEulerDiscreteScheduler without stochastic sampling, driven by a pipeline); with any other, or
             a bare transformer, it is not applied, with a note. Skipped where the interpolant would reach into the
             early stage. The computed step runs the predict graph once more (the tail on the corrected residual).
-            Needs ``granularity="stack"``, not with ``input_gate``. Measured: bench/ADAPTIVE_STUDY.md section 12.
+            Applies to ``granularity="stack"`` without ``input_gate`` (the gate moves the prediction inside the
+            predict graph, where the gap's sum cannot see it); otherwise it is not applied, with a note. Measured:
+            bench/ADAPTIVE_STUDY.md section 12.
         modulation_smoothing: weight of the newest μ in its running value (1: the newest alone; 0.5 measured better
             on average, bench/modulation_variants.py).
         lambda_min: lower bound of the damping λ applied when the a-posteriori error rises.
@@ -221,12 +223,6 @@ class Policy:
                 and math.isfinite(self.gap_correction) and 0.0 <= self.gap_correction <= 2.0):
             problems.append(f"gap_correction={self.gap_correction!r} must be a number in [0, 2] (1: first-order "
                             "cancellation, 0: off)")
-        elif self.gap_correction and self.granularity != "stack":
-            problems.append("gap_correction needs granularity='stack' (it corrects the block stack's residual): set "
-                            "gap_correction=0 for granularity='modules'")
-        elif self.gap_correction and self.input_gate:
-            problems.append("gap_correction and input_gate do not combine (the gate moves the prediction inside the "
-                            "predict graph, where the gap's sum cannot see it): set one of them off")
         elif self.gap_correction and self.history_size < 2:
             problems.append(f"gap_correction interpolates over computed steps: raise history_size={self.history_size} "
                             "to 2 or more")

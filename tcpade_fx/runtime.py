@@ -465,7 +465,9 @@ class TCPadeRuntime:
         self._time_grids = [_TimeGrid([float(v) for v in grid]) for grid in schedule or ()]
         self._step_index = step_index
         self._euler_sigmas = [float(v) for v in euler_sigmas] if euler_sigmas is not None else None
-        if self.policy.gap_correction and self._driven and self._euler_sigmas is None:
+        if self.policy.gap_correction and self._gap_blocked_by_policy():
+            self._note_once(f"Policy.gap_correction is not applied: {self._gap_blocked_by_policy()}")
+        elif self.policy.gap_correction and self._driven and self._euler_sigmas is None:
             self._stats.notes.append(
                 f"Policy.gap_correction is not applied: the scheduler ({sampler or 'unknown'}) is not a one-step Euler "
                 "sampler (x + (σ_next − σ)·output, e.g. FlowMatchEulerDiscreteScheduler without stochastic sampling), "
@@ -1128,6 +1130,17 @@ class TCPadeRuntime:
         ))
 
     # -- Policy.gap_correction -------------------------------------------------------------------------------
+    def _gap_blocked_by_policy(self) -> str | None:
+        """Why the policy's other fields keep Policy.gap_correction from applying (None: they do not)."""
+        p = self.policy
+        if p.granularity != "stack":
+            return (f"granularity={p.granularity!r} forecasts module outputs, not the block stack's residual it "
+                    "corrects (set gap_correction=0 to silence this)")
+        if p.input_gate:
+            return ("input_gate=True moves each prediction inside the predict graph, where the gap's sum cannot see "
+                    "what the step stepped with (set one of them off)")
+        return None
+
     def _gap_weight(self, step: int) -> float | None:
         """A step's weight in a gap's sum, ``(σ_{k+1} − σ_k) / σ_k``: its step length times the share of an error
         made at σ_k still in the sample at the computed step (σ_c / σ_k, the σ_c applied there); None where the
@@ -1137,17 +1150,23 @@ class TCPadeRuntime:
             return None
         return (sig[step + 1] - sig[step]) / sig[step]
 
+    def _note_once(self, note: str) -> None:
+        if note not in self._stats.notes:
+            self._stats.notes.append(note)
+
     def _add_to_gap(self, branch: Branch, step: int, time: float, residual: torch.Tensor) -> None:
+        blocked = self._gap_blocked_by_policy()
+        if blocked:
+            self._note_once(f"Policy.gap_correction is not applied: {blocked}")
+            return
         weight = self._gap_weight(step)
         if weight is not None:
             branch.add_to_gap(time, weight, residual)
         elif self._euler_sigmas is not None:
             branch.gap.append((time, math.nan))  # a step outside the sampler's noise levels: this gap stays as it is
         elif not self._driven:
-            note = ("Policy.gap_correction is not applied: a bare transformer call has no sampler whose steps it "
-                    "could correct (call it through a diffusers pipeline, or set gap_correction=0)")
-            if note not in self._stats.notes:
-                self._stats.notes.append(note)
+            self._note_once("Policy.gap_correction is not applied: a bare transformer call has no sampler whose "
+                            "steps it could correct (call it through a diffusers pipeline, or set gap_correction=0)")
 
     def _gap_corrected(self, branch: Branch, step: int, time: float, residual: torch.Tensor) -> torch.Tensor | None:
         """The residual this computed step steps with under Policy.gap_correction (None: its own, uncorrected):

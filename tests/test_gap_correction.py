@@ -96,10 +96,6 @@ def test_policy_refuses_a_gap_correction_it_cannot_run():
     for bad in (-0.1, 2.5, float("nan"), True, "1"):
         with pytest.raises(ValueError, match="gap_correction"):
             Policy(gap_correction=bad)
-    with pytest.raises(ValueError, match="granularity='stack'"):
-        Policy(gap_correction=1.0, granularity="modules", method="taylor", modulate_denominator=False)
-    with pytest.raises(ValueError, match="input_gate"):
-        Policy(gap_correction=1.0, input_gate=True)
     assert Policy(gap_correction=0.5).gap_correction == 0.5
 
 
@@ -157,6 +153,24 @@ def test_full_policy_and_zero_correction_leave_the_run_as_it_was():
     got = _run(pipe, kwargs, 12)
     assert float((got - reference).norm() / reference.norm()) < 1e-4
     assert not any(r.gap_corrected for r in pipe.tcpade.stats.records)
+
+
+def test_with_the_input_gate_or_module_forecasts_it_is_not_applied_and_says_so():
+    from tcpade_fx.testing_pipelines import tiny_wan_pipeline
+
+    pipe, kwargs = tiny_wan_pipeline()
+    gated = Policy.preset("balanced").replace(input_gate=True)
+    tcpade_fx.compile(pipe, policy=gated)
+    alone = _run(pipe, kwargs, 12)
+    tcpade_fx.compile(pipe, policy=gated.replace(gap_correction=1.0))
+    assert torch.equal(_run(pipe, kwargs, 12), alone)
+    assert any("gap_correction is not applied: input_gate=True" in n for n in pipe.tcpade.stats.notes)
+    modules = Policy.preset("balanced").replace(granularity="modules", method="taylor", modulate_denominator=False)
+    tcpade_fx.compile(pipe, policy=modules)
+    alone = _run(pipe, kwargs, 12)
+    tcpade_fx.compile(pipe, policy=modules.replace(gap_correction=1.0))
+    assert torch.equal(_run(pipe, kwargs, 12), alone)
+    assert any("gap_correction is not applied: granularity='modules'" in n for n in pipe.tcpade.stats.notes)
 
 
 def test_another_sampler_or_a_bare_transformer_gets_the_uncorrected_run_and_a_note():
