@@ -535,21 +535,17 @@ def gap_integral_weights(node_times: Sequence[float], gap_times: Sequence[float]
     return out
 
 
-def gap_corrected_residual(residual: Tensor, stepped: Tensor, nodes: Sequence[Tensor], weights: Sequence[float],
-                           scale: float, *, out: Tensor | None = None) -> Tensor:
-    """The residual a computed step steps with to cancel, to first order, the integral error of the predicted steps
-    before it: ``residual − scale · (stepped − Σ_j W_j nodes_j)``. ``stepped``: ``Σ_k g_k R̂_k`` over the gap's
-    predictions (what its steps stepped with), ``weights``: :func:`gap_integral_weights` for ``nodes`` (the newest
-    computed residuals, ``residual`` last); ``scale``: the correction's strength over the computed step's own
-    weight (``κ / g_c``). Float32 arithmetic, the result in ``residual``'s dtype (into ``out`` where given)."""
-    miss = stepped.float().reshape(residual.shape).clone()
+def gap_miss(stepped: Tensor, nodes: Sequence[Tensor], weights: Sequence[float], scale: float) -> Tensor:
+    """``scale · (stepped − Σ_j W_j nodes_j)`` in float32, in the shape of the newest node: how far a gap's steps
+    stepped from what the interpolant of the computed residuals says they should have. ``stepped``: ``Σ_k g_k R̂_k``
+    over the gap's predictions; ``weights``: :func:`gap_integral_weights` for ``nodes`` (oldest first, the computed
+    residual that ends the gap last). A later step of length h cancels it to first order by stepping with
+    ``R − miss / h``."""
+    shape = nodes[-1].shape
+    miss = stepped.float().reshape(shape).clone()
     for w, node in zip(weights, nodes):
-        miss.sub_(node.float().reshape(residual.shape), alpha=float(w))
-    corrected = torch.sub(residual.float(), miss, alpha=float(scale))
-    if out is None:
-        return corrected.to(residual.dtype)
-    return out.copy_(corrected)
-
+        miss.sub_(node.float().reshape(shape), alpha=float(w))
+    return miss.mul_(float(scale))
 
 def _require_finite_history(residuals: Sequence[Tensor]) -> None:
     if torch.compiler.is_compiling():  # traced: no data-dependent branch (the runtime checks its history itself)

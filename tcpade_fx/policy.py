@@ -63,19 +63,19 @@ class Policy:
             the gate's terms; exports carry both, and a loader refuses to switch the gate or ``per_sample`` on graphs
             built otherwise). Needs ``granularity="stack"`` and ``history_size >= 3``; not with context parallelism
             (refused, saying so). Measured in bench/ADAPTIVE_STUDY.md section 10.
-        gap_correction: κ ≥ 0 (0: off). A gap's predicted steps moved the sample by ``Σ_k h_k R̂_k``; once the
-            computed step that ends the gap is known, the same sum over the interpolant of the newest
-            :data:`~tcpade_fx.pade.GAP_NODES` computed residuals re-estimates it, and the computed step steps with
-            its residual minus κ times the difference over its own step (the history keeps the residual itself),
-            cancelling the gap's integral error to first order. Each step's share is weighted by how much of an
-            error made at noise level σ_k is still in the sample at σ_c (σ_c / σ_k: a flow sampler contracts errors
-            off the data at that rate). Needs a sampler whose step is ``x + (σ_next − σ)·output``
-            (FlowMatchEulerDiscreteScheduler without stochastic sampling, driven by a pipeline); with any other, or
-            a bare transformer, it is not applied, with a note. Skipped where the interpolant would reach into the
-            early stage. The computed step runs the predict graph once more (the tail on the corrected residual).
-            Applies to ``granularity="stack"`` without ``input_gate`` (the gate moves the prediction inside the
-            predict graph, where the gap's sum cannot see it); otherwise it is not applied, with a note. Measured:
-            bench/ADAPTIVE_STUDY.md section 12.
+        gap_correction: κ ≥ 0 (0: off; "quality" and "balanced" ship 1). A gap's predicted steps moved the sample by
+            ``Σ_k h_k R̂_k``; once the computed step that ends the gap is known, the same sum over the interpolant of
+            the newest :data:`~tcpade_fx.pade.GAP_NODES` computed residuals re-estimates it, and the next predicted
+            step (of length h) steps with its prediction minus κ times the difference over h, cancelling the gap's
+            integral error to first order (the last step of a trajectory, which has no later step, takes it itself
+            with one more run of the predict graph; the history keeps the computed residuals as they are). Each
+            step's share is weighted by how much of an error made at noise level σ_k is still in the sample at σ_c
+            (σ_c / σ_k: a flow sampler contracts errors off the data at that rate). Needs a sampler whose step is
+            ``x + (σ_next − σ)·output`` (FlowMatchEulerDiscreteScheduler without stochastic sampling, driven by a
+            pipeline); with any other, or a bare transformer, it is not applied, with a note. Skipped where the
+            interpolant would reach into the early stage. Applies to ``granularity="stack"`` without ``input_gate``
+            (the gate moves the prediction inside the predict graph, where the gap's sum cannot see it); otherwise
+            it is not applied, with a note. Measured: bench/ADAPTIVE_STUDY.md section 12.
         modulation_smoothing: weight of the newest μ in its running value (1: the newest alone; 0.5 measured better
             on average, bench/modulation_variants.py).
         lambda_min: lower bound of the damping λ applied when the a-posteriori error rises.
@@ -265,12 +265,15 @@ def resolve_policy(policy: "Policy | str") -> Policy:
     raise TypeError(f"policy must be a preset name {sorted(PRESETS)} or a tcpade_fx.Policy, got {type(policy).__name__}")
 
 
+#: "quality" and "balanced" correct their gaps' integrals (Policy.gap_correction); "fast" does not: its gaps of 4–5
+#: predicted steps are beyond what the first-order correction holds (bench/ADAPTIVE_STUDY.md section 12: at 20 and
+#: 28 steps it lost the median sample on both bundled image models).
 PRESETS: dict[str, Policy] = {
     "quality": Policy(
         name="quality", early_end=0.15, mid_tolerance=0.02, late_tolerance=0.01, mid_max_skip=2, late_max_skip=1,
-        compute_budget=0.55,
+        compute_budget=0.55, gap_correction=1.0,
     ),
-    "balanced": Policy(name="balanced", compute_budget=0.40),
+    "balanced": Policy(name="balanced", compute_budget=0.40, gap_correction=1.0),
     "fast": Policy(
         name="fast", early_end=0.1, late_start=1.0, mid_tolerance=0.15, late_tolerance=0.05, mid_max_skip=5,
         late_max_skip=2, compute_budget=0.28,

@@ -52,7 +52,7 @@ from .backends.registry import dtype_name
 from .controller import StepController
 from .distributed import DivergedDecisionError, ParallelContext, UnsupportedParallelismError, parallel_context
 from .pade import (GAP_NODES, LOCAL, StatPack, StatReducer, denominator_partials, extrapolate_stacked,
-                   gap_corrected_residual, gap_integral_weights, input_gate_terms,
+                   gap_integral_weights, gap_miss, input_gate_terms,
                    input_gated_residual, modulation_from, modulation_partials, nonfinite_partial, relative_error_from,
                    relative_error_partials, replace_nonfinite_)
 from .model_state import ModelFingerprint, model_fingerprint
@@ -79,7 +79,8 @@ class StepRecord:
     error_estimate: float | None
     check_error: float | None  # computed steps: relative error the prediction would have had here
     context: str | None = None  # the pipeline's cache_context name of the call ("cond", "uncond"), if any
-    gap_corrected: bool = False  # computed steps: stepped with the gap-corrected residual (Policy.gap_correction)
+    gap_corrected: bool = False  # computed steps: the preceding gap's integral error measured, for the next predicted
+    # step (or, at the last step, this one) to cancel (Policy.gap_correction)
 
 
 @dataclass
@@ -200,6 +201,7 @@ class Branch:
     # shape) and their (time, g_k)
     gap_sum: torch.Tensor | None = None
     gap: list[tuple[float, float]] = field(default_factory=list)
+    pending: torch.Tensor | None = None  # the last gap's integral error, for the next predicted step to cancel
 
     @property
     def has_history(self) -> bool:
@@ -269,6 +271,7 @@ class Branch:
         self.steps = []
         self.slots = []
         self.gap = []
+        self.pending = None
         self.modulation, self.modulation_mean = 1.0, 1.0
         self.check_errors = []
         self.controller.clear_history()
@@ -938,6 +941,9 @@ class TCPadeRuntime:
             self._pending_fallbacks.append(_PendingFallback(step, branch.index, len(self._stats.records), rows))
             if p.gap_correction:
                 self._add_to_gap(branch, step, time, residual)
+                if branch.pending is not None and self._gap_step(step):
+                    residual.sub_(branch.pending.reshape(residual.shape), alpha=1.0 / self._gap_step(step))
+                    branch.pending = None
             if p.input_gate:
                 gate = input_gate_terms(branch.times, branch.ring, branch.inputs, time, prior=residual,
                                         slots=branch.slots, out=branch.gate)
@@ -1000,11 +1006,16 @@ class TCPadeRuntime:
         if check_error is not None:
             branch.check_errors = branch.check_errors[-4:] + [check_error]
         branch.controller.record_compute(step, time, check_error, velocity)
-        corrected = self._gap_corrected(branch, step, time, residual) if restarted is None else None
-        if corrected is not None:
-            out = graphs.predict(*leaves, corrected)
+        miss = self._gap_miss(branch, step, time, residual) if restarted is None else None
+        if miss is not None:
+            if self._num_steps is not None and step >= self._num_steps - 1:
+                # the trajectory's last step: no later step to carry it, so this one steps with it (one more tail)
+                corrected = torch.sub(residual.float(), miss, alpha=1.0 / self._gap_step(step))
+                out = graphs.predict(*leaves, branch.prediction.copy_(corrected.reshape(residual.shape)))
+            else:
+                branch.pending = miss if branch.pending is None else branch.pending.add_(miss)
         branch.push(time, residual, p.history_size, stack_input, step=step)
-        self._record(**record, check_error=check_error, computed=True, gap_corrected=corrected is not None)
+        self._record(**record, check_error=check_error, computed=True, gap_corrected=miss is not None)
         return out
 
     def _agree_on_decision(self, branch: Branch, decision, time: float, order: int, batch: int):
@@ -1168,16 +1179,24 @@ class TCPadeRuntime:
             self._note_once("Policy.gap_correction is not applied: a bare transformer call has no sampler whose "
                             "steps it could correct (call it through a diffusers pipeline, or set gap_correction=0)")
 
-    def _gap_corrected(self, branch: Branch, step: int, time: float, residual: torch.Tensor) -> torch.Tensor | None:
-        """The residual this computed step steps with under Policy.gap_correction (None: its own, uncorrected):
-        where predicted steps precede it, its residual minus κ / g_c times their sum's miss against the interpolant
-        of the newest computed residuals and this one (:func:`~tcpade_fx.pade.gap_corrected_residual`), written
-        into the branch's prediction buffer. Not where the interpolant's older nodes lie in the early stage."""
+    def _gap_step(self, step: int) -> float | None:
+        """The sampler's step length σ_{k+1} − σ_k at ``step`` (None where unknown)."""
+        sig = self._euler_sigmas
+        if sig is None or not 0 <= step < len(sig) - 1:
+            return None
+        return sig[step + 1] - sig[step]
+
+    def _gap_miss(self, branch: Branch, step: int, time: float, residual: torch.Tensor) -> torch.Tensor | None:
+        """Under Policy.gap_correction, at a computed step that ends a gap: the integral error the gap's steps put
+        into the sample, ``κ·σ_c·(Σ_k g_k R̂_k − Σ_j W_j R_j)`` (float32, a residual's shape; W_j interpolate the
+        newest computed residuals and this one, :func:`~tcpade_fx.pade.gap_integral_weights`), for a later step of
+        length h to step with ``R − miss / h``. None where there is nothing to correct, the sampler's noise levels
+        are unknown, or the interpolant's older nodes lie in the early stage."""
         p = self.policy
         gap, branch.gap = branch.gap, []
         older = GAP_NODES - 1
-        g_c = self._gap_weight(step)
-        if (not gap or not p.gap_correction or not g_c or len(branch.times) < older
+        sig = self._euler_sigmas
+        if (not gap or not p.gap_correction or self._gap_weight(step) is None or len(branch.times) < older
                 or not all(math.isfinite(g) for _, g in gap)):
             return None
         n = self._num_steps
@@ -1185,5 +1204,4 @@ class TCPadeRuntime:
             return None
         weights = gap_integral_weights([*branch.times[-older:], time], [t for t, _ in gap], [g for _, g in gap])
         nodes = [branch.ring[slot] for slot in branch.slots[-older:]] + [residual]
-        return gap_corrected_residual(residual, branch.gap_sum, nodes, weights, p.gap_correction / g_c,
-                                      out=branch.prediction)
+        return gap_miss(branch.gap_sum, nodes, weights, p.gap_correction * sig[step])
