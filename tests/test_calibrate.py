@@ -83,7 +83,9 @@ def test_calibration_on_the_trained_wan_picks_the_module_forecast_and_compiles_t
     measured, and calibration leaves the pipeline as it found it."""
     cls = type(wan)
     call = {"class_labels": [0, 3, 5, 8], "num_inference_steps": 28, "guidance_scale": 5.0}
-    pairs = dict(calibration_candidates(Policy.preset("balanced")))
+    # against "balanced" without its gap correction, as the granularity check measured it (with the correction the
+    # stack forecast closes that gap: 32.52 vs 32.58 dB on the 100 clips, bench/ADAPTIVE_STUDY.md section 12)
+    pairs = dict(calibration_candidates(Policy.preset("balanced").replace(gap_correction=0.0)))
     candidates = [(name, pairs[name]) for name in ("as given", "stack Taylor-1", "modules Taylor-1")]
     choice = tcpade_fx.calibrate(wan, call, candidates=candidates, seed=100, time_slack=None)
     assert all(c.time_ratio > 0 for c in choice.candidates)
