@@ -11,6 +11,11 @@ from tcpade_fx import Policy
 pytest.importorskip("transformers", reason="diffusers imports transformers for the PixArt pipeline")
 
 
+def other_notes(stats) -> list[str]:
+    """The notes besides the one saying that "balanced"'s gap correction does not apply to a non-Euler sampler."""
+    return [n for n in stats.notes if not n.startswith("Policy.gap_correction is not applied")]
+
+
 @pytest.mark.slow
 def test_inductor_compiles_each_graph_once_over_a_mixed_50_step_trajectory():
     from tcpade_fx.testing_pipelines import output_of, tiny_pixart_pipeline
@@ -27,7 +32,7 @@ def test_inductor_compiles_each_graph_once_over_a_mixed_50_step_trajectory():
     schedule = stats.decisions()
     assert "C." in schedule and ".C" in schedule, schedule  # the mode switches back and forth
     assert stats.compiles == {"compute": 1, "predict": 1}, stats.summary()
-    assert torch.isfinite(out).all() and stats.notes == []
+    assert torch.isfinite(out).all() and other_notes(stats) == []
 
     # the same compiled graphs under "full" (the runtime's policy is read per trajectory): still 0 recompiles,
     # and the compiled compute graph matches the untouched eager pipeline

@@ -39,6 +39,11 @@ BRANCHES = {"dit": 1, "flux": 1, "flux_true_cfg": 2, "wan": 2, "sd3": 1, "pixart
 FAMILIES = list(BUILDERS)
 
 
+def other_notes(stats) -> list[str]:
+    """The notes besides the one saying that "balanced"'s gap correction does not apply to a non-Euler sampler."""
+    return [n for n in stats.notes if not n.startswith("Policy.gap_correction is not applied")]
+
+
 def run(pipe, kwargs, steps=STEPS, seed=0) -> torch.Tensor:
     return output_of(pipe(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)))
 
@@ -83,7 +88,7 @@ def test_full_policy_is_identical_to_the_untouched_pipeline(built):
     stats = pipe.tcpade.stats
     assert stats.compute_fraction == 1.0
     assert len(stats.records) == STEPS * BRANCHES[built.family]
-    assert stats.num_steps == STEPS and stats.captures == 1 and stats.notes == []
+    assert stats.num_steps == STEPS and stats.captures == 1 and other_notes(stats) == []
 
 
 def test_balanced_computes_under_half_and_disable_restores(built):
@@ -93,7 +98,7 @@ def test_balanced_computes_under_half_and_disable_restores(built):
     assert not torch.equal(out, built.reference)  # something was predicted
     stats = pipe.tcpade.stats
     assert stats.compute_fraction < 0.5, stats.summary()
-    assert stats.predicted > 0 and stats.notes == []
+    assert stats.predicted > 0 and other_notes(stats) == []
     assert "TC-Padé" in str(stats)
     # the first and last steps are computed on every branch
     for branch in range(BRANCHES[built.family]):
