@@ -48,10 +48,11 @@ def variants(preset: str) -> list[tuple[str, Policy]]:
     shipped = Policy.preset(preset)
     taylor2 = shipped.replace(method="taylor", modulate_denominator=False, order=2, late_order=2,
                               history_size=max(3, shipped.history_size), gap_correction=0.0)
-    taylor1 = shipped.replace(method="taylor", modulate_denominator=False, input_gate=False)
+    candidates = calibration_candidates(shipped)
+    taylor1 = dict(candidates)["stack Taylor-1"]
     flip = 0.0 if shipped.gap_correction else 1.0
     word = "without gap correction" if shipped.gap_correction else "gap correction"
-    return ([(VARIANT[name], policy) for name, policy in calibration_candidates(shipped)]
+    return ([(VARIANT[name], policy) for name, policy in candidates]
             + [("stack Taylor-2", taylor2), (word, shipped.replace(gap_correction=flip)),
                (f"stack Taylor-1, {word}", taylor1.replace(gap_correction=flip))])
 

@@ -471,7 +471,7 @@ class TCPadeRuntime:
         if self.policy.gap_correction and self._gap_blocked_by_policy():
             self._note_once(f"Policy.gap_correction is not applied: {self._gap_blocked_by_policy()}")
         elif self.policy.gap_correction and self._driven and self._euler_sigmas is None:
-            self._stats.notes.append(
+            self._note_once(
                 f"Policy.gap_correction is not applied: the scheduler ({sampler or 'unknown'}) is not a one-step Euler "
                 "sampler (x + (σ_next − σ)·output, e.g. FlowMatchEulerDiscreteScheduler without stochastic sampling), "
                 "so a gap's integral error cannot be cancelled on the computed step; the predictions are as without it")
@@ -941,8 +941,9 @@ class TCPadeRuntime:
             self._pending_fallbacks.append(_PendingFallback(step, branch.index, len(self._stats.records), rows))
             if p.gap_correction:
                 self._add_to_gap(branch, step, time, residual)
-                if branch.pending is not None and self._gap_step(step):
-                    residual.sub_(branch.pending.reshape(residual.shape), alpha=1.0 / self._gap_step(step))
+                length = self._gap_step(step)
+                if branch.pending is not None and length:
+                    residual.sub_(branch.pending.reshape(residual.shape), alpha=1.0 / length)
                     branch.pending = None
             if p.input_gate:
                 gate = input_gate_terms(branch.times, branch.ring, branch.inputs, time, prior=residual,
@@ -1156,10 +1157,8 @@ class TCPadeRuntime:
         """A step's weight in a gap's sum, ``(σ_{k+1} − σ_k) / σ_k``: its step length times the share of an error
         made at σ_k still in the sample at the computed step (σ_c / σ_k, the σ_c applied there); None where the
         sampler's noise levels are not known for the step."""
-        sig = self._euler_sigmas
-        if sig is None or not 0 <= step < len(sig) - 1 or not sig[step] > 0:
-            return None
-        return (sig[step + 1] - sig[step]) / sig[step]
+        length = self._gap_step(step)
+        return None if length is None or not self._euler_sigmas[step] > 0 else length / self._euler_sigmas[step]
 
     def _note_once(self, note: str) -> None:
         if note not in self._stats.notes:
