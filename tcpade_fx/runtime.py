@@ -1009,12 +1009,14 @@ class TCPadeRuntime:
         branch.controller.record_compute(step, time, check_error, velocity)
         miss = self._gap_miss(branch, step, time, residual) if restarted is None else None
         if miss is not None:
-            if self._num_steps is not None and step >= self._num_steps - 1:
-                # the trajectory's last step: no later step to carry it, so this one steps with it (one more tail)
-                corrected = torch.sub(residual.float(), miss, alpha=1.0 / self._gap_step(step))
-                out = graphs.predict(*leaves, branch.prediction.copy_(corrected.reshape(residual.shape)))
-            else:
-                branch.pending = miss if branch.pending is None else branch.pending.add_(miss)
+            branch.pending = miss if branch.pending is None else branch.pending.add_(miss)
+        if branch.pending is not None and self._num_steps is not None and step >= self._num_steps - 1:
+            # the trajectory's last step: no later step to carry what is pending (this gap's, or one carried past
+            # computed steps since), so this one steps with it (one more tail)
+            corrected = torch.sub(residual.float(), branch.pending.reshape(residual.shape),
+                                  alpha=1.0 / self._gap_step(step))
+            out = graphs.predict(*leaves, branch.prediction.copy_(corrected))
+            branch.pending = None
         branch.push(time, residual, p.history_size, stack_input, step=step)
         self._record(**record, check_error=check_error, computed=True, gap_corrected=miss is not None)
         return out

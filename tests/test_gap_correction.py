@@ -155,6 +155,23 @@ def test_zero_correction_and_the_full_policy_correct_nothing_and_fast_ships_with
     assert not any(r.gap_corrected for r in pipe.tcpade.stats.records)
 
 
+def test_a_correction_carried_past_the_last_gap_is_taken_by_the_last_step():
+    """Mask "CCCCCCC.CC": the one gap's correction is measured at step 8, which is computed like the step after it;
+    with no predicted step left to carry it, the last step takes it (the run differs from the uncorrected one only
+    through that)."""
+    from tcpade_fx.testing_pipelines import tiny_flux_pipeline
+
+    pipe, kwargs = tiny_flux_pipeline()
+    mask = "CCCCCCC.CC"
+    outs = {}
+    for k in (0.0, 1.0):
+        tcpade_fx.compile(pipe, policy=Policy(schedule="explicit", mask=mask, gap_correction=k))
+        outs[k] = _run(pipe, kwargs, len(mask))
+        assert pipe.tcpade.stats.decisions(0) == mask
+    assert [r.step for r in pipe.tcpade.stats.records if r.gap_corrected] == [8]
+    assert bool(torch.isfinite(outs[1.0]).all()) and not torch.equal(outs[1.0], outs[0.0])
+
+
 def test_with_the_input_gate_or_module_forecasts_it_is_not_applied_and_says_so():
     from tcpade_fx.testing_pipelines import tiny_wan_pipeline
 
