@@ -76,6 +76,14 @@ class Policy:
             interpolant would reach into the early stage. Applies to ``granularity="stack"`` without ``input_gate``
             (the gate moves the prediction inside the predict graph, where the gap's sum cannot see it); otherwise
             it is not applied, with a note. Measured: bench/ADAPTIVE_STUDY.md section 12.
+        gap_span_limit: which gaps :attr:`gap_correction` corrects: only those with ``Δσ² / σ_c`` at most this, Δσ the
+            gap's span in noise level (from the computed step before it to the computed step c that ends it) and σ_c
+            the noise level at c (``math.inf``: every gap). A long gap at low noise is where the interpolant's error
+            and the drift that the computed step's residual already carries (it was computed at the gap's drifted
+            state) outweigh the error it corrects: measured per gap on mnist-dit and mnist-flux, the corrections of
+            gaps at ``Δσ²/σ_c`` ≤ 0.11 gained and those at ≥ 0.21 lost, up to 1.5 dB at 20 steps
+            (bench/ADAPTIVE_STUDY.md section 13). The trajectory's last step is exempt (no computed step follows it
+            for the drift to feed into; its correction measured −0.02 to +0.1 dB).
         modulation_smoothing: weight of the newest μ in its running value (1: the newest alone; 0.5 measured better
             on average, bench/modulation_variants.py).
         lambda_min: lower bound of the damping λ applied when the a-posteriori error rises.
@@ -129,6 +137,7 @@ class Policy:
     modulation_smoothing: float = 0.5
     input_gate: bool = False
     gap_correction: float = 0.0
+    gap_span_limit: float = 0.15
     lambda_min: float = 0.5
     rise_factor: float = 2.0
     error_smoothing: float = 0.5
@@ -226,6 +235,9 @@ class Policy:
         elif self.gap_correction and self.history_size < 2:
             problems.append(f"gap_correction interpolates over computed steps: raise history_size={self.history_size} "
                             "to 2 or more")
+        if not (isinstance(self.gap_span_limit, (int, float)) and not isinstance(self.gap_span_limit, bool)
+                and self.gap_span_limit > 0):
+            problems.append(f"gap_span_limit={self.gap_span_limit!r} must be a number > 0 (math.inf: correct every gap)")
         if not problems and self.early_end > self.late_start:
             problems.append(f"early_end={self.early_end} must not exceed late_start={self.late_start}")
         if self.schedule == "explicit" and (not isinstance(self.mask, str) or set(self.mask) - {"C", "."}):

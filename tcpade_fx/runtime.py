@@ -1192,7 +1192,8 @@ class TCPadeRuntime:
         into the sample, ``κ·σ_c·(Σ_k g_k R̂_k − Σ_j W_j R_j)`` (float32, a residual's shape; W_j interpolate the
         newest computed residuals and this one, :func:`~tcpade_fx.pade.gap_integral_weights`), for a later step of
         length h to step with ``R − miss / h``. None where there is nothing to correct, the sampler's noise levels
-        are unknown, or the interpolant's older nodes lie in the early stage."""
+        are unknown, the interpolant's older nodes lie in the early stage, or the gap is longer than
+        ``Policy.gap_span_limit`` allows."""
         p = self.policy
         gap, branch.gap = branch.gap, []
         older = GAP_NODES - 1
@@ -1202,6 +1203,12 @@ class TCPadeRuntime:
             return None
         n = self._num_steps
         if n is not None and n > 1 and min(branch.steps[-older:]) / (n - 1) < p.early_end:
+            return None
+        if not 0 <= branch.steps[-1] < len(sig):
+            return None
+        span = sig[branch.steps[-1]] - sig[step]
+        last = n is not None and step >= n - 1  # no computed step follows for the gap's drift to feed into
+        if not last and span * span > p.gap_span_limit * sig[step]:
             return None
         weights = gap_integral_weights([*branch.times[-older:], time], [t for t, _ in gap], [g for _, g in gap])
         nodes = [branch.ring[slot] for slot in branch.slots[-older:]] + [residual]

@@ -92,6 +92,10 @@ def test_policy_refuses_a_gap_correction_it_cannot_run():
         with pytest.raises(ValueError, match="gap_correction"):
             Policy(gap_correction=bad)
     assert Policy(gap_correction=0.5).gap_correction == 0.5
+    for bad in (0.0, -1.0, float("nan"), True, "0.15"):
+        with pytest.raises(ValueError, match="gap_span_limit"):
+            Policy(gap_span_limit=bad)
+    assert Policy(gap_span_limit=math.inf).gap_span_limit == math.inf
 
 
 # -- the runtime on tiny pipelines -----------------------------------------------------------------------------
@@ -104,9 +108,11 @@ def _run(pipe, kwargs, steps: int):
     return output_of(pipe(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)))
 
 
-def test_on_an_euler_flow_pipeline_it_corrects_computed_steps_after_gaps_only():
+@pytest.mark.parametrize("limit", [math.inf, 0.05])
+def test_on_an_euler_flow_pipeline_it_corrects_computed_steps_after_gaps_only(limit):
     """Wan (two guidance calls per step, FlowMatchEuler shift 3): the schedule is the uncorrected policy's, the
-    computed steps that end a gap past the early stage step with the corrected residual, nothing else changes."""
+    computed steps that end a gap past the early stage and within gap_span_limit step with the corrected residual,
+    nothing else changes."""
     from tcpade_fx.testing_pipelines import tiny_wan_pipeline
 
     pipe, kwargs = tiny_wan_pipeline()
@@ -114,8 +120,9 @@ def test_on_an_euler_flow_pipeline_it_corrects_computed_steps_after_gaps_only():
     tcpade_fx.compile(pipe, policy=Policy.preset("balanced").replace(gap_correction=0.0))
     plain = _run(pipe, kwargs, 16)
     plain_decisions = {c: pipe.tcpade.stats.decisions(c) for c in ("cond", "uncond")}
-    tcpade_fx.compile(pipe, policy=Policy.preset("balanced").replace(gap_correction=1.0))
+    tcpade_fx.compile(pipe, policy=Policy.preset("balanced").replace(gap_correction=1.0, gap_span_limit=limit))
     corrected = _run(pipe, kwargs, 16)
+    sigmas = pipe.scheduler.sigmas.tolist()
     stats = pipe.tcpade.stats
     assert {c: stats.decisions(c) for c in ("cond", "uncond")} == plain_decisions
     assert bool(torch.isfinite(corrected).all()) and not torch.equal(corrected, plain)
@@ -123,14 +130,22 @@ def test_on_an_euler_flow_pipeline_it_corrects_computed_steps_after_gaps_only():
     for r in stats.records:
         by_step.setdefault(r.branch, []).append(r)
     early = Policy.preset("balanced").early_end * 15
+    limited = False
     for records in by_step.values():
         flags = "".join("C" if r.computed else "." for r in records)
         for i, r in enumerate(records):
             after_gap = r.computed and i > 0 and flags[i - 1] == "."
             older = [q.step for q in records[:i] if q.computed][-2:]
-            expected = after_gap and len(older) == 2 and min(older) >= early
+            within = bool(older) and (r.step == 15  # the last step: exempt
+                                      or (sigmas[older[-1]] - sigmas[r.step]) ** 2 <= limit * sigmas[r.step])
+            expected = after_gap and len(older) == 2 and min(older) >= early and within
             assert r.gap_corrected == expected, (i, flags)
+            skipped_for_span = after_gap and len(older) == 2 and min(older) >= early and not within
+            limited = limited or skipped_for_span
         assert any(r.gap_corrected for r in records)
+    # shift 3 packs long gaps at low noise at the end: a limit of 0.05 leaves some of them uncorrected (the default
+    # 0.15 corrects every gap of this 16-step run)
+    assert limited == math.isfinite(limit)
     rel = lambda a: float((a - reference).norm() / reference.norm())  # noqa: E731
     assert rel(corrected) < 3 * rel(plain) + 1e-3  # random weights: it must not wreck the run either
 
@@ -140,17 +155,17 @@ def test_zero_correction_and_the_full_policy_correct_nothing_and_fast_ships_with
 
     assert Policy.preset("balanced").gap_correction == Policy.preset("quality").gap_correction == 1.0
     assert Policy.preset("fast").gap_correction == 0.0
-    pipe, kwargs = tiny_flux_pipeline()
+    pipe, kwargs = tiny_flux_pipeline()  # 20 steps: at 12, every gap of "balanced" is beyond gap_span_limit
     tcpade_fx.compile(pipe, policy="balanced")
-    corrected = _run(pipe, kwargs, 12)
+    corrected = _run(pipe, kwargs, 20)
     assert any(r.gap_corrected for r in pipe.tcpade.stats.records)
     tcpade_fx.compile(pipe, policy=Policy.preset("balanced").replace(gap_correction=0.0))
-    plain = _run(pipe, kwargs, 12)
+    plain = _run(pipe, kwargs, 20)
     assert not any(r.gap_corrected for r in pipe.tcpade.stats.records) and not torch.equal(plain, corrected)
     tcpade_fx.disable(pipe)
-    reference = _run(pipe, kwargs, 12)
+    reference = _run(pipe, kwargs, 20)
     tcpade_fx.compile(pipe, policy=Policy.preset("full").replace(gap_correction=1.0))
-    got = _run(pipe, kwargs, 12)
+    got = _run(pipe, kwargs, 20)
     assert float((got - reference).norm() / reference.norm()) < 1e-4
     assert not any(r.gap_corrected for r in pipe.tcpade.stats.records)
 
@@ -165,7 +180,7 @@ def test_a_correction_carried_past_the_last_gap_is_taken_by_the_last_step():
     mask = "CCCCCCC.CC"
     outs = {}
     for k in (0.0, 1.0):
-        tcpade_fx.compile(pipe, policy=Policy(schedule="explicit", mask=mask, gap_correction=k))
+        tcpade_fx.compile(pipe, policy=Policy(schedule="explicit", mask=mask, gap_correction=k, gap_span_limit=math.inf))
         outs[k] = _run(pipe, kwargs, len(mask))
         assert pipe.tcpade.stats.decisions(0) == mask
     assert [r.step for r in pipe.tcpade.stats.records if r.gap_corrected] == [8]
