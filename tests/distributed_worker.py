@@ -9,6 +9,7 @@ the cost of tcpade_fx's own collectives) and ``.pt`` (the final latents). Scenar
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,7 @@ def gap_corrected():
     """"balanced" with Policy.gap_correction: the corrected computed steps are elementwise on each process's tokens."""
     import tcpade_fx
 
-    return tcpade_fx.Policy.preset("balanced").replace(gap_correction=1.0)
+    return tcpade_fx.Policy.preset("balanced").replace(gap_correction=1.0, gap_span_limit=math.inf)
 
 
 def policy_of(name: str):
