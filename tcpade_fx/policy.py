@@ -63,7 +63,7 @@ class Policy:
             the gate's terms; exports carry both, and a loader refuses to switch the gate or ``per_sample`` on graphs
             built otherwise). Needs ``granularity="stack"`` and ``history_size >= 3``; not with context parallelism
             (refused, saying so). Measured in bench/ADAPTIVE_STUDY.md section 10.
-        gap_correction: κ ≥ 0 (0: off; "quality" and "balanced" ship 1). A gap's predicted steps moved the sample by
+        gap_correction: κ ≥ 0 (0: off; the presets ship 1). A gap's predicted steps moved the sample by
             ``Σ_k h_k R̂_k``; once the computed step that ends the gap is known, the same sum over the interpolant of
             the newest :data:`~tcpade_fx.pade.GAP_NODES` computed residuals re-estimates it, and the next predicted
             step (of length h) steps with its prediction minus κ times the difference over h, cancelling the gap's
@@ -277,18 +277,19 @@ def resolve_policy(policy: "Policy | str") -> Policy:
     raise TypeError(f"policy must be a preset name {sorted(PRESETS)} or a tcpade_fx.Policy, got {type(policy).__name__}")
 
 
-#: "quality" and "balanced" correct their gaps' integrals (Policy.gap_correction); "fast" does not: its gaps of 4–5
-#: predicted steps are beyond what the first-order correction holds (bench/ADAPTIVE_STUDY.md section 12: at 20 and
-#: 28 steps it lost the median sample on both bundled image models).
+#: Every preset corrects its gaps' integrals (Policy.gap_correction). "balanced" and "fast" only the gaps within
+#: gap_span_limit (a long gap at low noise lost: at 20 and 28 steps "fast" lost 0.2–1.5 dB correcting every gap);
+#: "quality", whose gaps are 1–2 steps, corrects every gap (on mnist-dit and mnist-flux at 20 steps the one gap the
+#: limit skips cost 0.1 dB, 0.3 dB on the median sample; bench/ADAPTIVE_STUDY.md section 13).
 PRESETS: dict[str, Policy] = {
     "quality": Policy(
         name="quality", early_end=0.15, mid_tolerance=0.02, late_tolerance=0.01, mid_max_skip=2, late_max_skip=1,
-        compute_budget=0.55, gap_correction=1.0,
+        compute_budget=0.55, gap_correction=1.0, gap_span_limit=math.inf,
     ),
     "balanced": Policy(name="balanced", compute_budget=0.40, gap_correction=1.0),
     "fast": Policy(
         name="fast", early_end=0.1, late_start=1.0, mid_tolerance=0.15, late_tolerance=0.05, mid_max_skip=5,
-        late_max_skip=2, compute_budget=0.28,
+        late_max_skip=2, compute_budget=0.28, gap_correction=1.0,
     ),
     "full": Policy(name="full", mid_max_skip=0, late_max_skip=0),
 }

@@ -150,11 +150,12 @@ def test_on_an_euler_flow_pipeline_it_corrects_computed_steps_after_gaps_only(li
     assert rel(corrected) < 3 * rel(plain) + 1e-3  # random weights: it must not wreck the run either
 
 
-def test_zero_correction_and_the_full_policy_correct_nothing_and_fast_ships_without_it():
+def test_zero_correction_and_the_full_policy_correct_nothing_and_the_presets_ship_it():
     from tcpade_fx.testing_pipelines import tiny_flux_pipeline
 
-    assert Policy.preset("balanced").gap_correction == Policy.preset("quality").gap_correction == 1.0
-    assert Policy.preset("fast").gap_correction == 0.0
+    assert all(Policy.preset(name).gap_correction == 1.0 for name in ("quality", "balanced", "fast"))
+    assert Policy.preset("quality").gap_span_limit == math.inf
+    assert Policy.preset("balanced").gap_span_limit == Policy.preset("fast").gap_span_limit == 0.15
     pipe, kwargs = tiny_flux_pipeline()  # 20 steps: at 12, every gap of "balanced" is beyond gap_span_limit
     tcpade_fx.compile(pipe, policy="balanced")
     corrected = _run(pipe, kwargs, 20)
