@@ -9,7 +9,7 @@ A rule is tokens joined by ``+``: ``off`` (κ = 0), ``on`` (κ = 1, as the libra
 ``only:S,S`` (correct only at these computed steps), ``skip:S,S``, ``ratio:R`` (correct only where the gap's span in
 σ over σ_c is at most R), ``span:S`` (only where the span in σ is at most S), ``q:Q`` (only where span²/σ_c is at most Q), ``warp:W`` (the policy's budget_warp),
 ``budget:B`` (its compute_budget), ``late:L`` (its late_start), ``limit:L`` (its gap_span_limit; ``limit:inf``
-corrects every gap, as before it existed); ``last`` (the trajectory's last step is corrected
+corrects every gap, as before it existed), ``mask:C..C.`` (an explicit schedule), ``nodes:N`` (the interpolant's node count, the library's GAP_NODES); ``last`` (the trajectory's last step is corrected
 whatever the other tokens say), ``nolast`` (it is not).
 Prints PSNR vs the full Euler run, the median per-sample gain over ``off`` and the corrections made (step, the gap's span in σ).
 """
@@ -74,6 +74,8 @@ def policy_for(preset: str, rule: str) -> Policy:
             changes["gap_correction"] = float(arg)
         elif kind in names:
             changes[names[kind]] = float(arg)
+        elif kind == "mask":
+            changes.update(schedule="explicit", mask=arg)
     return Policy.preset(preset).replace(**changes)
 
 
@@ -91,6 +93,7 @@ def patched(self, branch, step, time, residual):
 
 
 RT.TCPadeRuntime._gap_miss = patched
+GAP_NODES = RT.GAP_NODES
 for cell in args.cells:
     model, n, preset = cell.split(":")
     n = int(n)
@@ -102,6 +105,8 @@ for cell in args.cells:
     for rule in args.rules:
         RULE["rule"] = rule
         policy = policy_for(preset, rule)
+        nodes = [int(t.split(":")[1]) for t in rule.split("+") if t.startswith("nodes:")]
+        RT.GAP_NODES = nodes[0] if nodes else GAP_NODES
         LOG.clear()
         out = bench.sample(bench.pipe(bench.euler(), policy), n, **given)
         if base is None:
