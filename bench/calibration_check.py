@@ -37,8 +37,9 @@ from tcpade_fx.calibrate import choose  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 #: the choice rule the lines were made with (earlier lines: by the call's PSNR; then per sample with Taylor-2 among
-#: the candidates); only this rule's lines are read
-RULE = "per-sample median and share, and the call's PSNR"
+#: the candidates; now with the other setting of gap_correction among them too, after gap_span_limit); only this rule's
+#: lines are read
+RULE = "per-sample median and share, and the call's PSNR; gap-correction toggle among the candidates"
 
 
 def calibrations(args) -> list[dict]:

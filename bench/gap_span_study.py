@@ -2,7 +2,7 @@
 with the correction off, on as shipped, and restricted by a rule on the gap, through ``tcpade_fx.compile`` with the
 runtime's ``_gap_miss`` wrapped (a study harness: the rules are not policy fields).
 
-    python bench/gap_span_study.py MODEL:STEPS:PRESET ... [--samples 32] [--seed0 4000]
+    python bench/gap_span_study.py MODEL:STEPS:PRESET[:GUIDANCE[:SHIFT]] ... [--samples 32] [--seed0 4000]
         [--rules off on only:13 skip:19 ratio:1 ...]
 
 A rule is tokens joined by ``+``: ``off`` (κ = 0), ``on`` (κ = 1, as the library does), ``kappa:K`` (κ = K),
@@ -95,9 +95,13 @@ def patched(self, branch, step, time, residual):
 RT.TCPadeRuntime._gap_miss = patched
 GAP_NODES = RT.GAP_NODES
 for cell in args.cells:
-    model, n, preset = cell.split(":")
+    model, n, preset, *more = cell.split(":")
     n = int(n)
-    bench = Bench(model, args.samples, timing_samples=0, repeats=0, batch=16)
+    # MODEL:STEPS:PRESET:GUIDANCE[:SHIFT] samples this cell, full run included, at another guidance scale / time shift
+    shift = float(more[1]) if len(more) > 1 else None
+    bench = Bench(model, args.samples, timing_samples=0, repeats=0, batch=16, shift=shift)
+    if more:
+        bench.guidance = float(more[0])
     seeds = list(range(args.seed0, args.seed0 + args.samples))
     given = dict(labels=[s % 10 for s in seeds], latents=bench.latents_for(seeds))
     full = bench.sample(bench.pipe(bench.euler()), n, **given)
@@ -113,7 +117,7 @@ for cell in args.cells:
             base = out
         gain = 10 * torch.log10(per_sample_mse(full, base) / per_sample_mse(full, out))
         made = sorted({(s, sp, r) for s, sp, r, ok in LOG if ok})
-        row = dict(model=model, steps=n, preset=preset, rule=rule, samples=args.samples, seed0=args.seed0,
+        row = dict(model=model, steps=n, preset=preset, guidance=bench.guidance, shift=bench.shift, rule=rule, samples=args.samples, seed0=args.seed0,
                    psnr=round(metrics.psnr(full, out), 2), median_gain=round(float(gain.median()), 2),
                    share_better=round(float((gain > 0).float().mean()), 2), schedule=bench.schedules[0],
                    corrections=made)

@@ -39,8 +39,11 @@ COMPUTE_SLACK = 0.02
 def calibration_candidates(policy: Policy) -> list[tuple[str, Policy]]:
     """The forecasts :func:`calibrate` compares, each on ``policy``'s schedule settings: the policy itself, Taylor-1
     of the stack residual, the attention/feed-forward outputs of every block (``granularity="modules"``) with
-    Taylor-1 and with the policy's own numerics, and the policy with the other setting of ``input_gate`` (where
-    the policy can run it: stack granularity, ``history_size >= 3``).
+    Taylor-1 and with the policy's own numerics, the policy with the other setting of ``input_gate`` (where
+    the policy can run it: stack granularity, ``history_size >= 3``), and the policy with the other setting of
+    ``gap_correction`` (0 or 1; where it applies: stack granularity without the gate). The correction gains on the
+    bundled image models and loses on mnist-wan at 20 steps at any guidance or time shift measured
+    (bench/ADAPTIVE_STUDY.md section 13): the final samples decide it per model.
 
     Not Taylor-2: it wins some 50-step cells but fails on a few samples in others (mnist-flux, 28 steps: median
     per-sample gain −0.16 dB, PSNR of the 100 samples −3.4 dB), which a calibration set of 8 does not see; pass it
@@ -56,6 +59,9 @@ def calibration_candidates(policy: Policy) -> list[tuple[str, Policy]]:
         found.append(("without input gate" if policy.input_gate else "input gate",
                       policy.replace(input_gate=not policy.input_gate,
                                      gap_correction=policy.gap_correction if policy.input_gate else 0.0)))
+    if policy.granularity == "stack" and not policy.input_gate:
+        found.append(("without gap correction", policy.replace(gap_correction=0.0)) if policy.gap_correction
+                     else ("gap correction", policy.replace(gap_correction=1.0)))
     return found
 
 

@@ -47,13 +47,18 @@ def test_the_candidates_share_the_policy_schedule_settings():
     assert pairs[0] == ("as given", base)
     for _, policy in pairs:
         assert (policy.compute_budget, policy.mid_max_skip, policy.early_end) == (0.28, 5, 0.1)
-    assert {(p.granularity, p.method, p.order, p.input_gate) for _, p in pairs} == {
-        ("stack", "pade", 1, False), ("stack", "taylor", 1, False), ("modules", "taylor", 1, False),
-        ("modules", "pade", 1, False), ("stack", "pade", 1, True)}
+    assert {(p.granularity, p.method, p.order, p.input_gate, p.gap_correction) for _, p in pairs} == {
+        ("stack", "pade", 1, False, 1.0), ("stack", "taylor", 1, False, 1.0), ("modules", "taylor", 1, False, 0.0),
+        ("modules", "pade", 1, False, 0.0), ("stack", "pade", 1, True, 0.0), ("stack", "pade", 1, False, 0.0)}
+    # the gap correction's other setting, where it applies (the modules and the gate do not run it)
+    assert dict(pairs)["without gap correction"] == base.replace(gap_correction=0.0)
+    uncorrected = dict(calibration_candidates(base.replace(gap_correction=0.0)))
+    assert uncorrected["gap correction"] == base and "without gap correction" not in uncorrected
     # a gated policy is compared with itself ungated; the other candidates cannot run the gate (modules) or do not
     gated = dict(calibration_candidates(base.replace(input_gate=True)))
     assert gated["without input gate"] == base and "input gate" not in gated
     assert not any(p.input_gate for name, p in gated.items() if name != "as given")
+    assert "without gap correction" not in gated and "gap correction" not in gated
     # a policy that cannot run the gate (history of 2) gets no gate candidate
     short = base.replace(method="taylor", modulate_denominator=False, history_size=2)
     assert all(not p.input_gate for _, p in calibration_candidates(short))
