@@ -167,6 +167,18 @@ def test_refuses_a_different_requested_policy_unless_allowed(exported):
     assert load(exported, policy="balanced").policy.name == "balanced"
 
 
+def test_a_quality_export_keeps_its_unlimited_gap_span(exported, tmp_path):
+    """"quality" corrects every gap (gap_span_limit=inf): the manifest's JSON must carry the infinity back."""
+    import dataclasses
+    import math
+
+    quality = tcpade_fx.Policy.preset("quality")
+    folder = _copy(exported, tmp_path)
+    _edit_manifest(folder, lambda m: m.update(policy=dataclasses.asdict(quality)))
+    loaded = load(folder, policy="quality", threads=1).policy
+    assert loaded == quality and loaded.name == "quality" and loaded.gap_span_limit == math.inf
+
+
 def test_refuses_a_module_granularity_policy_even_when_policy_changes_are_allowed(exported):
     modules = tcpade_fx.Policy.preset("balanced").replace(granularity="modules")
     with pytest.raises(ValueError, match="granularity='stack'"):
