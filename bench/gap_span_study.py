@@ -9,7 +9,8 @@ A rule is tokens joined by ``+``: ``off`` (κ = 0), ``on`` (κ = 1, as the libra
 ``only:S,S`` (correct only at these computed steps), ``skip:S,S``, ``ratio:R`` (correct only where the gap's span in
 σ over σ_c is at most R), ``span:S`` (only where the span in σ is at most S), ``q:Q`` (only where span²/σ_c is at most Q), ``warp:W`` (the policy's budget_warp),
 ``budget:B`` (its compute_budget), ``late:L`` (its late_start), ``limit:L`` (its gap_span_limit; ``limit:inf``
-corrects every gap, as before it existed), ``mask:C..C.`` (an explicit schedule), ``nodes:N`` (the interpolant's node count, the library's GAP_NODES); ``last`` (the trajectory's last step is corrected
+corrects every gap, as before it existed), ``mask:C..C.`` (an explicit schedule), ``nodes:N`` (the interpolant's node count, the library's GAP_NODES); ``contract`` (the miss scaled by σ_{c+1}/σ_c: the share of an error off the data that the computed step's own
+step leaves); ``last`` (the trajectory's last step is corrected
 whatever the other tokens say), ``nolast`` (it is not).
 Prints PSNR vs the full Euler run, the median per-sample gain over ``off`` and the corrections made (step, the gap's span in σ).
 """
@@ -89,6 +90,8 @@ def patched(self, branch, step, time, residual):
     ratio = span / sig[step]
     ok = allowed(RULE["rule"], step, ratio, span, step == self._num_steps - 1)
     LOG.append((step, round(span, 3), round(ratio, 2), ok))
+    if ok and "contract" in RULE["rule"].split("+"):
+        miss = miss * (sig[step + 1] / sig[step])  # what the computed step's own Euler step leaves of an error off the data
     return miss if ok else None
 
 
