@@ -81,7 +81,7 @@ class Policy:
             the noise level at c (``math.inf``: every gap). A long gap at low noise is where the interpolant's error
             and the drift that the computed step's residual already carries (it was computed at the gap's drifted
             state) outweigh the error it corrects: measured per gap on mnist-dit and mnist-flux, the corrections of
-            gaps at ``Δσ²/σ_c`` ≤ 0.12 gained and those at ≥ 0.22 lost, up to 1.5 dB at 20 steps
+            gaps at ``Δσ²/σ_c`` ≤ 0.12 gained and those at ≥ 0.22 lost (up to 1.7 dB in a cell)
             (bench/ADAPTIVE_STUDY.md section 13). The trajectory's last step is exempt (no computed step follows it
             for the drift to feed into; its correction measured −0.02 to +0.1 dB).
         modulation_smoothing: weight of the newest μ in its running value (1: the newest alone; 0.5 measured better
