@@ -1010,7 +1010,7 @@ class TCPadeRuntime:
         miss = self._gap_miss(branch, step, time, residual) if restarted is None else None
         if miss is not None:
             branch.pending = miss if branch.pending is None else branch.pending.add_(miss)
-        if branch.pending is not None and self._num_steps is not None and step >= self._num_steps - 1:
+        if branch.pending is not None and self._is_last_step(step):
             # the trajectory's last step: no later step to carry what is pending (this gap's, or one carried past
             # computed steps since), so this one steps with it (one more tail)
             corrected = torch.sub(residual.float(), branch.pending.reshape(residual.shape),
@@ -1180,6 +1180,10 @@ class TCPadeRuntime:
             self._note_once("Policy.gap_correction is not applied: a bare transformer call has no sampler whose "
                             "steps it could correct (call it through a diffusers pipeline, or set gap_correction=0)")
 
+    def _is_last_step(self, step: int) -> bool:
+        """Whether ``step`` is the trajectory's last (False where the number of steps is unknown)."""
+        return self._num_steps is not None and step >= self._num_steps - 1
+
     def _gap_step(self, step: int) -> float | None:
         """The sampler's step length σ_{k+1} − σ_k at ``step`` (None where unknown)."""
         sig = self._euler_sigmas
@@ -1207,8 +1211,8 @@ class TCPadeRuntime:
         if not 0 <= branch.steps[-1] < len(sig):
             return None
         span = sig[branch.steps[-1]] - sig[step]
-        last = n is not None and step >= n - 1  # no computed step follows for the gap's drift to feed into
-        if not last and span * span > p.gap_span_limit * sig[step]:
+        # the last step is exempt: no computed step follows for the gap's drift to feed into
+        if not self._is_last_step(step) and span * span > p.gap_span_limit * sig[step]:
             return None
         weights = gap_integral_weights([*branch.times[-older:], time], [t for t, _ in gap], [g for _, g in gap])
         nodes = [branch.ring[slot] for slot in branch.slots[-older:]] + [residual]
