@@ -173,6 +173,10 @@ class Bench:
         """One noise tensor per seed (the same for a seed in any subset)."""
         return metrics.seeded_latents(seeds, self.kind.latent_shape)
 
+    def given(self, seeds: list[int]) -> dict:
+        """``sample``'s keywords for these seeds: class ``seed % 10`` and :meth:`latents_for`."""
+        return dict(labels=[s % 10 for s in seeds], latents=self.latents_for(seeds))
+
     # -- running ---------------------------------------------------------------------------------------------
     def euler(self):
         return euler(self.shift)

@@ -111,7 +111,7 @@ def main() -> None:
     rows = [tuple(r.split(":")) for r in args.schedules] if args.schedules else ROWS_20
     bench = Bench("mnist-wan", args.samples, timing_samples=0, repeats=0, batch=args.samples)
     seeds = list(range(args.seeds, args.seeds + args.samples))
-    given = dict(labels=[s % 10 for s in seeds], latents=bench.latents_for(seeds))
+    given = bench.given(seeds)
     full = bench.sample(bench.pipe(bench.euler()), args.steps, **given)
     for schedule, dot in rows:
         pipe = bench.pipe(bench.euler())

@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(1)
     bench = Bench(args.model, args.samples, timing_samples=0, repeats=0, batch=16)
     seeds = list(range(args.samples))
-    given = dict(labels=[s % 10 for s in seeds], latents=bench.latents_for(seeds))
+    given = bench.given(seeds)
     full = bench.sample(bench.pipe(bench.euler()), args.steps, **given)
     base = Policy.preset(args.preset)  # and Taylor-2 on its plan as the granularity check runs it
     errors: list[tuple[int, int, tuple[float, ...]]] = []

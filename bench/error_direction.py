@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 ROOT = Path(__file__).resolve().parents[1]; sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "bench"))
 from benchmark import Bench
+from peers import blocks_of
 from tcpade_fx import metrics
 
 ap = argparse.ArgumentParser()
@@ -20,10 +21,10 @@ args = ap.parse_args()
 torch.set_num_threads(1)
 bench = Bench(args.model, args.samples, timing_samples=0, repeats=0, batch=args.samples)
 seeds = list(range(1000, 1000 + args.samples))
-given = dict(labels=[s % 10 for s in seeds], latents=bench.latents_for(seeds))
+given = bench.given(seeds)
 pipe = bench.pipe(bench.euler())
 tr = pipe.transformer
-blocks = list(getattr(tr, "transformer_blocks", [])) + list(getattr(tr, "single_transformer_blocks", []))
+blocks = blocks_of(tr)
 state = dict(call=-1, target=None, mode=None, inp=None)
 
 def pre(mod, a, kw):

@@ -88,7 +88,7 @@ for cell in args.cells:
     CFG["scale"] = 1.0 if model == "mnist-flux" else 1000.0
     bench = Bench(model, args.samples, timing_samples=0, repeats=0, batch=args.samples)
     seeds = list(range(args.seed0, args.seed0 + args.samples))
-    given = dict(labels=[s % 10 for s in seeds], latents=bench.latents_for(seeds))
+    given = bench.given(seeds)
     full = bench.sample(bench.pipe(bench.euler()), steps, **given)
     pol = dict(variants(preset)); pol["preset"] = Policy.preset(preset)
     line = []

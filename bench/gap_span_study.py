@@ -106,7 +106,7 @@ for cell in args.cells:
     if more:
         bench.guidance = float(more[0])
     seeds = list(range(args.seed0, args.seed0 + args.samples))
-    given = dict(labels=[s % 10 for s in seeds], latents=bench.latents_for(seeds))
+    given = bench.given(seeds)
     full = bench.sample(bench.pipe(bench.euler()), n, **given)
     base = None
     for rule in args.rules:

@@ -109,7 +109,7 @@ def main() -> None:
     for model in args.models:
         bench = Bench(model, args.samples, timing_samples=0, repeats=0, batch=16)
         seeds = list(range(args.seed0, args.seed0 + args.samples))
-        given = dict(labels=[s % 10 for s in seeds], latents=bench.latents_for(seeds))
+        given = bench.given(seeds)
         for n in args.steps:
             rows = [(p, row_label(p, v), policy) for p in args.presets for v, policy in variants(p)
                     if args.variants is None or v == "shipped" or v in args.variants]

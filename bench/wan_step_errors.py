@@ -143,7 +143,7 @@ def main() -> None:
     torch.set_num_threads(1)
     bench = Bench("mnist-wan", args.samples, timing_samples=0, repeats=0, batch=args.batch)
     seeds = list(range(args.seed0, args.seed0 + args.samples))
-    given = dict(labels=[s % 10 for s in seeds], latents=bench.latents_for(seeds))
+    given = bench.given(seeds)
     n = args.steps
     full = bench.sample(bench.pipe(bench.euler()), n, **given)
     bench.sample(bench.pipe(bench.euler(), "balanced"), n, **given)
