@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from typing import TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -184,6 +184,14 @@ def _accelerate_outside(module: torch.nn.Module):
         add_hook_to_module(module, hook)
 
 
+def _scheduler_method(scheduler: Any, name: str) -> Callable:
+    """``scheduler.name`` as a call would find it, our own wrappers (from an enclosing compiled call) looked through."""
+    method = scheduler.__dict__.get(name)
+    while method is not None and getattr(method, "_tcpade_scheduler_wrapper", False):
+        method = method.__wrapped__
+    return method if method is not None else getattr(type(scheduler), name).__get__(scheduler)
+
+
 def _time_grids(scheduler) -> list[list[float]]:
     """The scheduler's candidate time grids, one value per step: its sigmas (flow schedulers keep them exact,
     where their timesteps may be rounded) and its timesteps."""
@@ -268,8 +276,10 @@ def _pipeline_class_with_reset(cls: type) -> type:
         originals = {n: scheduler.__dict__.get(n) for n in wrapped} if scheduler is not None else {}
 
         if scheduler is not None:
-            bound_set = type(scheduler).set_timesteps.__get__(scheduler)
-            bound_step = type(scheduler).step.__get__(scheduler)
+            # what the call would run without us: an instance-level override (a user's or another library's patch)
+            # where there is one, not only the class's method; our own wrappers (a nested call) are looked through
+            bound_set = _scheduler_method(scheduler, "set_timesteps")
+            bound_step = _scheduler_method(scheduler, "step")
 
             # wraps: pipelines inspect set_timesteps' signature (retrieve_timesteps looks for `sigmas`/`timesteps`)
             @functools.wraps(bound_set)
@@ -294,6 +304,7 @@ def _pipeline_class_with_reset(cls: type) -> type:
                     runtime.step_done()
                 return result
 
+            set_timesteps._tcpade_scheduler_wrapper = step._tcpade_scheduler_wrapper = True
             scheduler.set_timesteps = set_timesteps
             scheduler.step = step
         for runtime in runtimes:

@@ -135,6 +135,30 @@ def test_other_diffusers_hooks_compose_in_either_order():
         assert torch.equal(module(**kwargs)[0], 2.0 * shifted)
 
 
+def test_a_scheduler_step_patched_on_the_instance_still_runs_under_a_compiled_call(flux):
+    """A user's (or another library's) ``scheduler.step`` set on the instance is what the call runs, with our step
+    bookkeeping around it, and it is back in place after the call; a second compiled call does not stack ours."""
+    pipe, kwargs, reference = _fresh(flux)
+    original = pipe.scheduler.step
+    seen = []
+
+    def counted(*a, **k):
+        seen.append(1)
+        return original(*a, **k)
+
+    pipe.scheduler.step = counted
+    try:
+        tcpade_fx.compile(pipe, "balanced")
+        for call in (1, 2):
+            out = run(pipe, kwargs)
+            assert len(seen) == call * STEPS
+            assert pipe.scheduler.step is counted
+            assert pipe.tcpade.stats.num_steps == STEPS and pipe.tcpade.stats.predicted > 0
+            assert bool(torch.isfinite(out).all())
+    finally:
+        del pipe.scheduler.step
+
+
 def _guided_loop(module, kwargs, order: tuple[str, str], steps: int = 10) -> dict[str, list[torch.Tensor]]:
     """Two named branches per step (their inputs differ), called in ``order`` under cache_context."""
     x = kwargs["hidden_states"]
