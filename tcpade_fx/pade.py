@@ -542,10 +542,17 @@ def gap_miss(stepped: Tensor, nodes: Sequence[Tensor], weights: Sequence[float],
     residual that ends the gap last). A later step of length h cancels it to first order by stepping with
     ``R − miss / h``."""
     shape = nodes[-1].shape
-    miss = stepped.float().reshape(shape).clone()
+    return stepped.float().reshape(shape).sub(weighted_sum(nodes, weights)).mul_(float(scale))
+
+
+def weighted_sum(nodes: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``Σ_j W_j nodes_j`` in float32, in the shape of the newest node: with the weights of
+    :func:`gap_integral_weights` for one time and weight 1, the interpolant of the nodes at that time."""
+    shape = nodes[-1].shape
+    out = torch.zeros(shape, dtype=torch.float32, device=nodes[-1].device)
     for w, node in zip(weights, nodes):
-        miss.sub_(node.float().reshape(shape), alpha=float(w))
-    return miss.mul_(float(scale))
+        out.add_(node.float().reshape(shape), alpha=float(w))
+    return out
 
 def _require_finite_history(residuals: Sequence[Tensor]) -> None:
     if torch.compiler.is_compiling():  # traced: no data-dependent branch (the runtime checks its history itself)

@@ -19,6 +19,8 @@ from .passes.units import GRANULARITIES
 Method = Literal["pade", "taylor", "reuse"]
 Schedule = Literal["adaptive", "fixed", "explicit"]
 Granularity = Literal["stack", "modules"]
+GapSpace = Literal["sample", "residual"]
+GAP_SPACES: tuple[str, ...] = ("sample", "residual")
 
 METHODS: tuple[str, ...] = ("pade", "taylor", "reuse")
 SCHEDULES: tuple[str, ...] = ("adaptive", "fixed", "explicit")
@@ -64,18 +66,17 @@ class Policy:
             built otherwise). Needs ``granularity="stack"`` and ``history_size >= 3``; not with context parallelism
             (refused, saying so). Measured in bench/ADAPTIVE_STUDY.md section 10.
         gap_correction: κ ≥ 0 (0: off; the presets ship 1). A gap's predicted steps moved the sample by
-            ``Σ_k h_k R̂_k``; once the computed step that ends the gap is known, the same sum over the interpolant of
-            the newest :data:`~tcpade_fx.pade.GAP_NODES` computed residuals re-estimates it, and the next predicted
-            step (of length h) steps with its prediction minus κ times the difference over h, cancelling the gap's
-            integral error to first order (the last step of a trajectory, which has no later step, takes it itself
-            with one more run of the predict graph; the history keeps the computed residuals as they are). Each
-            step's share is weighted by how much of an error made at noise level σ_k is still in the sample at σ_c
-            (σ_c / σ_k: a flow sampler contracts errors off the data at that rate). Needs a sampler whose step is
-            ``x + (σ_next − σ)·output`` (FlowMatchEulerDiscreteScheduler without stochastic sampling, driven by a
-            pipeline); with any other, or a bare transformer, it is not applied, with a note. Skipped where the
-            interpolant would reach into the early stage. Applies to ``granularity="stack"`` without ``input_gate``
-            (the gate moves the prediction inside the predict graph, where the gap's sum cannot see it); otherwise
-            it is not applied, with a note. Measured: bench/ADAPTIVE_STUDY.md section 12.
+            ``Σ_k h_k v̂_k``; once the computed step that ends the gap is known, the interpolant of the newest
+            :data:`~tcpade_fx.pade.GAP_NODES` computed residuals re-estimates what each of them should have stepped
+            with, and κ times the difference is cancelled, to first order, by a later step (where: see
+            :attr:`gap_space`; the history keeps the computed residuals as they are). Each step's share is weighted by
+            how much of an error made at noise level σ_k is still in the sample at σ_c (σ_c / σ_k: a flow sampler
+            contracts errors off the data at that rate). Needs a sampler whose step is ``x + (σ_next − σ)·output``
+            (FlowMatchEulerDiscreteScheduler without stochastic sampling, driven by a pipeline); with any other, or a
+            bare transformer, it is not applied, with a note. Skipped where the interpolant would reach into the
+            early stage. Applies to ``granularity="stack"`` without ``input_gate`` (the gate moves the prediction
+            inside the predict graph, where the gap's sum cannot see it); otherwise it is not applied, with a note.
+            Measured: bench/ADAPTIVE_STUDY.md sections 12–14.
         gap_span_limit: which gaps :attr:`gap_correction` corrects: only those with ``Δσ² / σ_c`` at most this, Δσ the
             gap's span in noise level (from the computed step before it to the computed step c that ends it) and σ_c
             the noise level at c (``math.inf``: every gap). A long gap at low noise is where the interpolant's error
@@ -84,6 +85,17 @@ class Policy:
             gaps at ``Δσ²/σ_c`` ≤ 0.12 gained and those at ≥ 0.22 lost (up to 1.7 dB in a cell)
             (bench/ADAPTIVE_STUDY.md section 13). The trajectory's last step is exempt (no computed step follows it
             for the drift to feed into; its correction measured −0.02 to +0.1 dB).
+        gap_space: where :attr:`gap_correction` measures and cancels a gap's error. ``"sample"`` (default): at the
+            computed step that ends the gap, each of the gap's predicted calls is run again through the predict graph
+            (head and tail, no blocks) on its own inputs with the interpolated residual, ṽ_k, and
+            ``κ·σ_c·Σ_k (h_k/σ_k)·(v̂_k − ṽ_k)`` is taken off this step's own output: the error the sample took,
+            whatever the tail (its final norm, the step's own adaLN scale) does to a residual error at each step.
+            One more predict-graph run per gap step, at the computed step (the inputs of the gap's calls are kept
+            until then, not copied; one modified in place in the meantime skips that gap, with a note).
+            ``"residual"``: the same sum in residual units, taken off the next predicted step's residual (the last
+            step of a trajectory takes it itself with one more run of the predict graph): no extra runs, exact only
+            where the tail maps a residual error alike at every step of the gap. Measured in bench/ADAPTIVE_STUDY.md
+            section 14.
         modulation_smoothing: weight of the newest μ in its running value (1: the newest alone; 0.5 measured better
             on average, bench/modulation_variants.py).
         lambda_min: lower bound of the damping λ applied when the a-posteriori error rises.
@@ -138,6 +150,7 @@ class Policy:
     input_gate: bool = False
     gap_correction: float = 0.0
     gap_span_limit: float = 0.15
+    gap_space: GapSpace = "sample"
     lambda_min: float = 0.5
     rise_factor: float = 2.0
     error_smoothing: float = 0.5
@@ -238,6 +251,8 @@ class Policy:
         if not (isinstance(self.gap_span_limit, (int, float)) and not isinstance(self.gap_span_limit, bool)
                 and self.gap_span_limit > 0):
             problems.append(f"gap_span_limit={self.gap_span_limit!r} must be a number > 0 (math.inf: correct every gap)")
+        if self.gap_space not in GAP_SPACES:
+            problems.append(f"gap_space={self.gap_space!r} is not one of {GAP_SPACES}")
         if not problems and self.early_end > self.late_start:
             problems.append(f"early_end={self.early_end} must not exceed late_start={self.late_start}")
         if self.schedule == "explicit" and (not isinstance(self.mask, str) or set(self.mask) - {"C", "."}):

@@ -54,7 +54,7 @@ from .distributed import DivergedDecisionError, ParallelContext, UnsupportedPara
 from .pade import (GAP_NODES, LOCAL, StatPack, StatReducer, denominator_partials, extrapolate_stacked,
                    gap_integral_weights, gap_miss, input_gate_terms,
                    input_gated_residual, modulation_from, modulation_partials, nonfinite_partial, relative_error_from,
-                   relative_error_partials, replace_nonfinite_)
+                   relative_error_partials, replace_nonfinite_, weighted_sum)
 from .model_state import ModelFingerprint, model_fingerprint
 from .passes import (BlockStackPlan, ShapePlan, VerificationError, bind_call, build_graphs, check_rewrite, flatten_call,
                      time_argument)
@@ -202,6 +202,10 @@ class Branch:
     gap_sum: torch.Tensor | None = None
     gap: list[tuple[float, float]] = field(default_factory=list)
     pending: torch.Tensor | None = None  # the last gap's integral error, for the next predicted step to cancel
+    # Policy.gap_space="sample": Σ g_k v̂_k over the gap's predicted calls' sample outputs (float32), and each call's
+    # leaves with their tensors' versions (to run it again once the gap ends; a version that moved was written to)
+    gap_outputs: torch.Tensor | None = None
+    gap_calls: list[tuple[list, list]] = field(default_factory=list)
 
     @property
     def has_history(self) -> bool:
@@ -254,16 +258,20 @@ class Branch:
         self.steps = self.steps[-(keep - 1):] + [step] if keep > 1 else [step]
         self.shape = tuple(residual.shape)
         self.gap = []
+        self.gap_calls = []
 
-    def add_to_gap(self, time: float, weight: float, residual: torch.Tensor) -> None:
-        """Policy.gap_correction: a predicted step stepped with ``residual``, weighted ``weight`` in the gap's sum."""
-        if self.gap_sum is None or self.gap_sum.shape != residual.shape or self.gap_sum.device != residual.device:
-            self.gap_sum = torch.empty(residual.shape, dtype=torch.float32, device=residual.device)
-        if self.gap:
-            self.gap_sum.add_(residual, alpha=weight)
-        else:
-            torch.mul(residual.float(), weight, out=self.gap_sum)
+    def add_to_gap(self, time: float, weight: float, residual: torch.Tensor | None) -> None:
+        """Policy.gap_correction: a predicted step stepped with ``residual``, weighted ``weight`` in the gap's sum
+        (``residual`` None: only the step's time and weight, its output follows in :meth:`add_output_to_gap`)."""
+        if residual is not None:
+            _weighted_accumulate(self, "gap_sum", residual, weight, first=not self.gap)
         self.gap.append((time, weight))
+
+    def add_output_to_gap(self, weight: float, output: torch.Tensor, leaves: list) -> None:
+        """Policy.gap_space="sample": a predicted call's sample output, weighted ``weight``, and its inputs."""
+        _weighted_accumulate(self, "gap_outputs", output, weight, first=not self.gap_calls)
+        self.gap_calls.append((list(leaves), [leaf._version if isinstance(leaf, torch.Tensor) else None
+                                              for leaf in leaves]))
 
     def clear_history(self) -> None:
         """Forget the residuals (and the controller's error state); the step count, plan and buffers stay."""
@@ -271,10 +279,24 @@ class Branch:
         self.steps = []
         self.slots = []
         self.gap = []
+        self.gap_calls = []
         self.pending = None
         self.modulation, self.modulation_mean = 1.0, 1.0
         self.check_errors = []
         self.controller.clear_history()
+
+
+def _weighted_accumulate(owner: Any, name: str, value: torch.Tensor, weight: float, *, first: bool) -> None:
+    """``owner.name (+)= weight · value`` in a float32 buffer of ``value``'s shape, (re)allocated where it differs."""
+    buffer = getattr(owner, name)
+    if buffer is None or buffer.shape != value.shape or buffer.device != value.device:
+        buffer = torch.empty(value.shape, dtype=torch.float32, device=value.device)
+        setattr(owner, name, buffer)
+        first = True
+    if first:
+        torch.mul(value.float(), weight, out=buffer)
+    else:
+        buffer.add_(value, alpha=weight)
 
 
 @dataclass
@@ -939,8 +961,10 @@ class TCPadeRuntime:
             # residual's (always finite), reported at the next read
             rows = replace_nonfinite_(residual, branch.newest, per_sample=p.per_sample)
             self._pending_fallbacks.append(_PendingFallback(step, branch.index, len(self._stats.records), rows))
+            in_sample = p.gap_space == "sample"
+            weight = None
             if p.gap_correction:
-                self._add_to_gap(branch, step, time, residual)
+                weight = self._add_to_gap(branch, step, time, None if in_sample else residual)
                 length = self._gap_step(step)
                 if branch.pending is not None and length:
                     residual.sub_(branch.pending.reshape(residual.shape), alpha=1.0 / length)
@@ -951,6 +975,8 @@ class TCPadeRuntime:
                 out = graphs.predict(*leaves, residual, gate.view(4, *residual.shape))
             else:
                 out = graphs.predict(*leaves, residual)
+            if in_sample and weight is not None:
+                self._add_output_to_gap(branch, weight, out, leaves)
             branch.controller.record_predict()
             self._record(**record, modulation=branch.modulation_mean if self._modulates else None)
             return out
@@ -1007,8 +1033,12 @@ class TCPadeRuntime:
         if check_error is not None:
             branch.check_errors = branch.check_errors[-4:] + [check_error]
         branch.controller.record_compute(step, time, check_error, velocity)
-        miss = self._gap_miss(branch, step, time, residual) if restarted is None else None
-        if miss is not None:
+        miss = self._gap_miss(branch, graphs, step, time, residual) if restarted is None else None
+        if miss is not None and p.gap_space == "sample":
+            # the gap's error in the sample, taken off by this step (a step x + h·output moves it by −miss)
+            sample = out[0]
+            out[0] = sample.float().sub_(miss.reshape(sample.shape), alpha=1.0 / self._gap_step(step)).to(sample.dtype)
+        elif miss is not None:
             branch.pending = miss if branch.pending is None else branch.pending.add_(miss)
         if branch.pending is not None and self._is_last_step(step):
             # the trajectory's last step: no later step to carry what is pending (this gap's, or one carried past
@@ -1166,11 +1196,13 @@ class TCPadeRuntime:
         if note not in self._stats.notes:
             self._stats.notes.append(note)
 
-    def _add_to_gap(self, branch: Branch, step: int, time: float, residual: torch.Tensor) -> None:
+    def _add_to_gap(self, branch: Branch, step: int, time: float, residual: torch.Tensor | None) -> float | None:
+        """A predicted step's share of its gap (``residual`` None under gap_space="sample": the output follows);
+        returns its weight, None where the gap cannot be corrected."""
         blocked = self._gap_blocked_by_policy()
         if blocked:
             self._note_once(f"Policy.gap_correction is not applied: {blocked}")
-            return
+            return None
         weight = self._gap_weight(step)
         if weight is not None:
             branch.add_to_gap(time, weight, residual)
@@ -1179,6 +1211,17 @@ class TCPadeRuntime:
         elif not self._driven:
             self._note_once("Policy.gap_correction is not applied: a bare transformer call has no sampler whose "
                             "steps it could correct (call it through a diffusers pipeline, or set gap_correction=0)")
+        return weight
+
+    def _add_output_to_gap(self, branch: Branch, weight: float, out, leaves: list) -> None:
+        sample = out[0] if len(out) else None
+        if isinstance(sample, torch.Tensor) and sample.is_floating_point():
+            branch.add_output_to_gap(weight, sample, leaves)
+            return
+        time, _ = branch.gap[-1]
+        branch.gap[-1] = (time, math.nan)  # no sample to correct: this gap stays as it is
+        self._note_once("Policy.gap_correction is not applied: the transformer's first output is not a floating "
+                        "tensor (the sample gap_space='sample' corrects); set gap_space='residual'")
 
     def _is_last_step(self, step: int) -> bool:
         """Whether ``step`` is the trajectory's last (False where the number of steps is unknown)."""
@@ -1191,15 +1234,19 @@ class TCPadeRuntime:
             return None
         return sig[step + 1] - sig[step]
 
-    def _gap_miss(self, branch: Branch, step: int, time: float, residual: torch.Tensor) -> torch.Tensor | None:
+    def _gap_miss(self, branch: Branch, graphs: GraphSet, step: int, time: float,
+                  residual: torch.Tensor) -> torch.Tensor | None:
         """Under Policy.gap_correction, at a computed step that ends a gap: the integral error the gap's steps put
-        into the sample, ``κ·σ_c·(Σ_k g_k R̂_k − Σ_j W_j R_j)`` (float32, a residual's shape; W_j interpolate the
-        newest computed residuals and this one, :func:`~tcpade_fx.pade.gap_integral_weights`), for a later step of
-        length h to step with ``R − miss / h``. None where there is nothing to correct, the sampler's noise levels
-        are unknown, the interpolant's older nodes lie in the early stage, or the gap is longer than
-        ``Policy.gap_span_limit`` allows."""
+        into the sample. gap_space="residual": ``κ·σ_c·(Σ_k g_k R̂_k − Σ_j W_j R_j)`` (float32, a residual's shape;
+        W_j interpolate the newest computed residuals and this one, :func:`~tcpade_fx.pade.gap_integral_weights`),
+        for a later step of length h to step with ``R − miss / h``. gap_space="sample": ``κ·σ_c·Σ_k g_k (v̂_k −
+        ṽ_k)`` in the sample output's shape, ṽ_k the gap's k-th call run again with the interpolant at its time,
+        for this step (length h) to step with ``output − miss / h``. None where there is nothing to correct, the
+        sampler's noise levels are unknown, the interpolant's older nodes lie in the early stage, the gap is longer
+        than ``Policy.gap_span_limit`` allows, or (sample) an input of the gap's calls was written to since."""
         p = self.policy
         gap, branch.gap = branch.gap, []
+        calls, branch.gap_calls = branch.gap_calls, []
         older = GAP_NODES - 1
         sig = self._euler_sigmas
         if (not gap or not p.gap_correction or self._gap_weight(step) is None or len(branch.times) < older
@@ -1214,6 +1261,30 @@ class TCPadeRuntime:
         # the last step is exempt: no computed step follows for the gap's drift to feed into
         if not self._is_last_step(step) and span * span > p.gap_span_limit * sig[step]:
             return None
-        weights = gap_integral_weights([*branch.times[-older:], time], [t for t, _ in gap], [g for _, g in gap])
+        node_times = [*branch.times[-older:], time]
         nodes = [branch.ring[slot] for slot in branch.slots[-older:]] + [residual]
-        return gap_miss(branch.gap_sum, nodes, weights, p.gap_correction * sig[step])
+        scale = p.gap_correction * sig[step]
+        if p.gap_space == "sample":
+            return self._gap_sample_miss(branch, graphs, gap, calls, node_times, nodes, scale)
+        weights = gap_integral_weights(node_times, [t for t, _ in gap], [g for _, g in gap])
+        return gap_miss(branch.gap_sum, nodes, weights, scale)
+
+    def _gap_sample_miss(self, branch: Branch, graphs: GraphSet, gap: list, calls: list, node_times: list,
+                         nodes: list, scale: float) -> torch.Tensor | None:
+        """gap_space="sample": each of the gap's calls run again through the predict graph with the interpolant of
+        ``nodes`` at its time; ``scale · Σ_k g_k (v̂_k − ṽ_k)``."""
+        if len(calls) != len(gap):
+            return None
+        for leaves, versions in calls:
+            if any(isinstance(leaf, torch.Tensor) and leaf._version != version
+                   for leaf, version in zip(leaves, versions)):
+                self._note_once("Policy.gap_correction skipped a gap: an input of one of its transformer calls was "
+                                "modified in place before the gap ended (gap_space='sample' runs those calls again); "
+                                "pass fresh tensors per step, or set gap_space='residual'")
+                return None
+        rerun = None
+        for (t, g), (leaves, _) in zip(gap, calls):
+            interpolated = weighted_sum(nodes, gap_integral_weights(node_times, [t], [1.0]))
+            sample = graphs.predict(*leaves, branch.prediction.copy_(interpolated.reshape(branch.prediction.shape)))[0]
+            rerun = sample.float().mul(g) if rerun is None else rerun.add_(sample, alpha=g)
+        return branch.gap_outputs.sub(rerun).mul_(scale)

@@ -96,6 +96,10 @@ def test_policy_refuses_a_gap_correction_it_cannot_run():
         with pytest.raises(ValueError, match="gap_span_limit"):
             Policy(gap_span_limit=bad)
     assert Policy(gap_span_limit=math.inf).gap_span_limit == math.inf
+    assert Policy().gap_space == "sample" and Policy(gap_space="residual").gap_space == "residual"
+    for bad in ("latent", None, 1):
+        with pytest.raises(ValueError, match="gap_space"):
+            Policy(gap_space=bad)
 
 
 # -- the runtime on tiny pipelines -----------------------------------------------------------------------------
@@ -108,11 +112,11 @@ def _run(pipe, kwargs, steps: int):
     return output_of(pipe(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)))
 
 
-@pytest.mark.parametrize("limit", [math.inf, 0.05])
-def test_on_an_euler_flow_pipeline_it_corrects_computed_steps_after_gaps_only(limit):
+@pytest.mark.parametrize("limit,space", [(math.inf, "sample"), (0.05, "sample"), (math.inf, "residual")])
+def test_on_an_euler_flow_pipeline_it_corrects_computed_steps_after_gaps_only(limit, space):
     """Wan (two guidance calls per step, FlowMatchEuler shift 3): the schedule is the uncorrected policy's, the
-    computed steps that end a gap past the early stage and within gap_span_limit step with the corrected residual,
-    nothing else changes."""
+    computed steps that end a gap past the early stage and within gap_span_limit are the corrected ones, in either
+    gap_space; nothing else changes."""
     from tcpade_fx.testing_pipelines import tiny_wan_pipeline
 
     pipe, kwargs = tiny_wan_pipeline()
@@ -120,7 +124,8 @@ def test_on_an_euler_flow_pipeline_it_corrects_computed_steps_after_gaps_only(li
     tcpade_fx.compile(pipe, policy=Policy.preset("balanced").replace(gap_correction=0.0))
     plain = _run(pipe, kwargs, 16)
     plain_decisions = {c: pipe.tcpade.stats.decisions(c) for c in ("cond", "uncond")}
-    tcpade_fx.compile(pipe, policy=Policy.preset("balanced").replace(gap_correction=1.0, gap_span_limit=limit))
+    tcpade_fx.compile(pipe, policy=Policy.preset("balanced").replace(gap_correction=1.0, gap_span_limit=limit,
+                                                                    gap_space=space))
     corrected = _run(pipe, kwargs, 16)
     sigmas = pipe.scheduler.sigmas.tolist()
     stats = pipe.tcpade.stats
@@ -171,21 +176,72 @@ def test_zero_correction_and_the_full_policy_correct_nothing_and_the_presets_shi
     assert not any(r.gap_corrected for r in pipe.tcpade.stats.records)
 
 
-def test_a_correction_carried_past_the_last_gap_is_taken_by_the_last_step():
-    """Mask "CCCCCCC.CC": the one gap's correction is measured at step 8, which is computed like the step after it;
-    with no predicted step left to carry it, the last step takes it (the run differs from the uncorrected one only
-    through that)."""
+def _latents_per_step(pipe, kwargs, steps: int) -> list[torch.Tensor]:
+    seen = []
+
+    def keep(pipe, i, t, tensors):
+        seen.append(tensors["latents"].clone())
+        return tensors
+
+    pipe(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), callback_on_step_end=keep,
+         callback_on_step_end_tensor_inputs=["latents"])
+    return seen
+
+
+@pytest.mark.parametrize("space", ["sample", "residual"])
+def test_where_the_correction_lands(space):
+    """Mask "CCCCCCC.CC": the one gap's correction is measured at step 8. gap_space="sample" takes it off step 8's
+    own output: the latents agree with the uncorrected run through step 7 and move at step 8 by exactly κ times one
+    term (κ = 0.5 moves them half as far as κ = 1). gap_space="residual" carries it to the next predicted step; with
+    none left (step 9 is computed and the last), the last step takes it: the latents agree through step 8."""
     from tcpade_fx.testing_pipelines import tiny_flux_pipeline
 
     pipe, kwargs = tiny_flux_pipeline()
     mask = "CCCCCCC.CC"
-    outs = {}
-    for k in (0.0, 1.0):
-        tcpade_fx.compile(pipe, policy=Policy(schedule="explicit", mask=mask, gap_correction=k, gap_span_limit=math.inf))
-        outs[k] = _run(pipe, kwargs, len(mask))
+    latents = {}
+    for k in (0.0, 0.5, 1.0):
+        tcpade_fx.compile(pipe, policy=Policy(schedule="explicit", mask=mask, gap_correction=k, gap_span_limit=math.inf,
+                                              gap_space=space))
+        latents[k] = _latents_per_step(pipe, kwargs, len(mask))
         assert pipe.tcpade.stats.decisions(0) == mask
-    assert [r.step for r in pipe.tcpade.stats.records if r.gap_corrected] == [8]
-    assert bool(torch.isfinite(outs[1.0]).all()) and not torch.equal(outs[1.0], outs[0.0])
+        assert [r.step for r in pipe.tcpade.stats.records if r.gap_corrected] == ([8] if k else [])
+    moved = 8 if space == "sample" else 9
+    for k in (0.5, 1.0):
+        assert all(torch.equal(a, b) for a, b in zip(latents[k][:moved], latents[0.0][:moved]))
+        assert bool(torch.isfinite(latents[k][-1]).all()) and not torch.equal(latents[k][moved], latents[0.0][moved])
+    if space == "sample":
+        full, half = (latents[k][8] - latents[0.0][8] for k in (1.0, 0.5))
+        ulps = 4 * torch.finfo(torch.float32).eps * float(latents[0.0][8].abs().max())  # differences of latents
+        assert float(full.abs().max()) > 100 * ulps
+        torch.testing.assert_close(full, 2 * half, rtol=0, atol=ulps)
+
+
+def test_an_input_written_in_place_before_the_gap_ends_skips_its_correction_and_says_so():
+    """gap_space="sample" runs the gap's calls again at the computed step that ends it, on the inputs they were
+    called with (kept, not copied): a pipeline whose scheduler writes the latents in place has changed them by then.
+    That gap is left uncorrected with a note, not corrected from the wrong inputs; "residual" keeps no inputs."""
+    from tcpade_fx.testing_pipelines import tiny_flux_pipeline
+
+    pipe, kwargs = tiny_flux_pipeline()
+    step = pipe.scheduler.step
+
+    def step_in_place(model_output, timestep, sample, *args, **kw):
+        result = step(model_output, timestep, sample, *args, **kw)
+        sample.copy_(result[0])
+        return (sample,)
+
+    pipe.scheduler.step = step_in_place
+    mask = "CCCCCCC.CC"
+    outs = {}
+    for k, space in ((0.0, "sample"), (1.0, "sample"), (1.0, "residual")):
+        tcpade_fx.compile(pipe, policy=Policy(schedule="explicit", mask=mask, gap_correction=k, gap_span_limit=math.inf,
+                                              gap_space=space))
+        outs[k, space] = _run(pipe, kwargs, len(mask))
+        notes = pipe.tcpade.stats.notes
+        skipped = any("modified in place before the gap ended" in n for n in notes)
+        assert skipped == (k == 1.0 and space == "sample")
+    assert torch.equal(outs[1.0, "sample"], outs[0.0, "sample"])
+    assert not torch.equal(outs[1.0, "residual"], outs[0.0, "sample"])
 
 
 def test_with_the_input_gate_or_module_forecasts_it_is_not_applied_and_says_so():
