@@ -965,8 +965,8 @@ class TCPadeRuntime:
             weight = None
             if p.gap_correction:
                 weight = self._add_to_gap(branch, step, time, None if in_sample else residual)
-                length = self._gap_step(step)
-                if branch.pending is not None and length:
+                length = self._gap_step(step) if branch.pending is not None else None  # pending: gap_space="residual"
+                if length:
                     residual.sub_(branch.pending.reshape(residual.shape), alpha=1.0 / length)
                     branch.pending = None
             if p.input_gate:
